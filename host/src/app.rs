@@ -1,0 +1,172 @@
+//! Assembling a running host from a manifest, and taking it down cleanly.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use arc_swap::ArcSwap;
+use tokio::task::JoinSet;
+
+use crate::broker::embedded::EmbeddedBroker;
+use crate::delivery::{self, Binding, RetryPolicy, Shutdown};
+use crate::kv::Kv;
+use crate::manifest::{DEFAULT_TENANT, Manifest};
+use crate::registry::Registry;
+use crate::runtime::{AttemptLimits, HandlerContext, Runtime, RuntimeConfig};
+use crate::store::Store;
+use crate::subject::Grants;
+use crate::tenant::Tenant;
+
+/// The database file inside the data folder.
+pub const DB_FILE: &str = "wharf.redb";
+/// Where a host whose HTTP port was 0 writes the address it bound.
+pub const HTTP_ADDR_FILE: &str = "http.addr";
+/// How often expired key-value entries and dedup marks are swept.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+
+/// Instances allowed beyond the sum of handler concurrency (checks, reloads).
+const SPARE_INSTANCES: u32 = 16;
+
+/// Everything a running host shares between its tasks.
+pub struct App {
+    /// The manifest it runs.
+    pub manifest: Manifest,
+    /// The local database.
+    pub store: Store,
+    /// The embedded broker.
+    pub broker: EmbeddedBroker,
+    /// The Wasm runtime.
+    pub runtime: Arc<Runtime>,
+    /// Handler bindings.
+    pub registry: Registry,
+    /// True once every consumer is running, false again on shutdown.
+    pub ready: AtomicBool,
+}
+
+/// Build the runtime a manifest needs (also used by `wharf check`).
+pub fn runtime_for(manifest: &Manifest) -> Result<Runtime> {
+    let max_instances = manifest.handlers.values().map(|h| h.concurrency).sum::<u32>() + SPARE_INSTANCES;
+    let max_memory_mb = manifest.handlers.values().map(|h| h.memory_mb).max().unwrap_or(64);
+    Runtime::new(RuntimeConfig {
+        max_instances,
+        max_memory_bytes: (max_memory_mb << 20) as usize,
+        cache_dir: manifest.host.data_dir.join("cache"),
+    })
+}
+
+impl App {
+    /// Open the data folder, load every component and bind every handler.
+    /// Nothing consumes until [`App::run`].
+    pub fn new(manifest: Manifest) -> Result<Arc<Self>> {
+        let store = crate::store::open_all(&manifest.host.data_dir.join(DB_FILE))?;
+        let broker = EmbeddedBroker::new(store.clone());
+        let runtime = Arc::new(runtime_for(&manifest)?);
+
+        let mut tenants: BTreeMap<String, Arc<Tenant>> = BTreeMap::new();
+        let mut registry = Registry::default();
+        for (name, h) in &manifest.handlers {
+            let tenant = match tenants.get(&h.tenant) {
+                Some(t) => t.clone(),
+                None => {
+                    let cfg = manifest.tenant(&h.tenant);
+                    let t = Arc::new(Tenant::new(&h.tenant, &cfg).map_err(anyhow::Error::msg)?);
+                    tenants.insert(h.tenant.clone(), t.clone());
+                    t
+                }
+            };
+            debug_assert!(h.tenant != DEFAULT_TENANT || tenant.name == DEFAULT_TENANT);
+            let component = runtime
+                .load(&h.component)
+                .with_context(|| format!("loading handler {name:?}"))?;
+            tracing::info!(handler = %name, component = %h.component.display(), digest = %&component.digest[..12], "handler loaded");
+            let context = Arc::new(HandlerContext {
+                name: name.clone(),
+                tenant: h.tenant.clone(),
+                grants: Grants::new(&h.publish).map_err(anyhow::Error::msg)?,
+                tenant_grants: tenant.grants.clone(),
+                config: h.config.clone(),
+                kv: Kv::new(store.clone(), &h.tenant, tenant.kv_quota),
+                limits: AttemptLimits {
+                    timeout: Duration::from_millis(h.timeout_ms),
+                    memory_bytes: (h.memory_mb << 20) as usize,
+                    max_payload_bytes: h.max_payload_bytes as usize,
+                    max_publishes: h.max_publishes,
+                    max_log_bytes: h.max_log_bytes as usize,
+                },
+            });
+            let dedup = h.dedup.as_ref().map(|d| {
+                let store: Arc<dyn delivery::DedupStore> = Arc::new(store.clone());
+                (store, Duration::from_secs(d.ttl_secs))
+            });
+            registry.insert(Arc::new(Binding {
+                name: name.clone(),
+                component: ArcSwap::from_pointee(component),
+                context,
+                source: broker.source(&h.source.subject),
+                sink: broker.sink(),
+                dead_letter_queue: h.dead_letter.clone().unwrap_or_else(|| h.source.subject.clone()),
+                concurrency: h.concurrency as usize,
+                tenant_permits: tenant.permits.clone(),
+                retry: RetryPolicy::from(&h.retry),
+                dedup,
+                rate_limit: h
+                    .rate_limit
+                    .as_ref()
+                    .and_then(|r| delivery::rate_limiter(r.messages, Duration::from_millis(r.per_ms))),
+            }));
+        }
+        Ok(Arc::new(Self { manifest, store, broker, runtime, registry, ready: AtomicBool::new(false) }))
+    }
+
+    /// Serve HTTP and consume until `shutdown.stop`, then drain: wait up to
+    /// the grace period for in-flight messages, release the rest, return.
+    pub async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<()> {
+        let listener = tokio::net::TcpListener::bind(self.manifest.host.http)
+            .await
+            .with_context(|| format!("binding the HTTP server to {}", self.manifest.host.http))?;
+        let addr: SocketAddr = listener.local_addr()?;
+        std::fs::write(self.manifest.host.data_dir.join(HTTP_ADDR_FILE), addr.to_string())?;
+        tracing::info!(%addr, "HTTP server listening");
+        let server = tokio::spawn(crate::server::serve(listener, self.clone(), shutdown.abort.clone()));
+
+        let mut consumers = JoinSet::new();
+        for binding in self.registry.iter() {
+            consumers.spawn(delivery::run_binding(binding.clone(), self.runtime.clone(), shutdown.clone()));
+        }
+        let sweeper = tokio::spawn(sweep(self.store.clone()));
+        self.ready.store(true, Ordering::SeqCst);
+        tracing::info!(handlers = self.manifest.handlers.len(), "wharf running");
+
+        shutdown.stop.cancelled().await;
+        self.ready.store(false, Ordering::SeqCst);
+        let grace = Duration::from_millis(self.manifest.host.shutdown_grace_ms);
+        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: finishing in-flight messages");
+        let drained = tokio::time::timeout(grace, async { while consumers.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            tracing::warn!("grace period over: releasing the messages still in flight for redelivery");
+            shutdown.abort.cancel();
+            while consumers.join_next().await.is_some() {}
+        }
+        shutdown.abort.cancel();
+        sweeper.abort();
+        let _ = server.await;
+        tracing::info!("wharf stopped");
+        Ok(())
+    }
+}
+
+async fn sweep(store: Store) {
+    let mut every = tokio::time::interval(SWEEP_EVERY);
+    loop {
+        every.tick().await;
+        if let Err(e) = Kv::sweep_expired(&store).await {
+            tracing::warn!(error = %format!("{e:#}"), "sweeping expired key-value entries failed");
+        }
+        if let Err(e) = delivery::dedup::sweep_expired(&store).await {
+            tracing::warn!(error = %format!("{e:#}"), "sweeping expired dedup marks failed");
+        }
+    }
+}

@@ -1,0 +1,109 @@
+//! The seam between wharf and a message broker.
+//!
+//! A backend provides two things:
+//!
+//! - a [`Source`]: batches of [`Delivery`]s for one subject (queue, stream,
+//!   consumer). Each delivery carries its own [`Acker`], which settles it in
+//!   exactly one way: `ack`, `retry(delay)`, `dead_letter`, or `release`.
+//! - a [`Sink`]: publish with broker confirmation.
+//!
+//! Every decision about *which* of those to call is made by
+//! [`crate::delivery`]; backends only carry them out, as atomically as the
+//! broker allows (the embedded broker moves a message to its dead-letter queue
+//! in one transaction). One file per backend lives beside this one.
+
+pub mod embedded;
+
+use std::time::Duration;
+
+use anyhow::Result;
+use async_trait::async_trait;
+use bytes::Bytes;
+
+/// A message to publish.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboundMessage {
+    /// Stable id; the broker assigns one when `None`.
+    pub id: Option<String>,
+    /// Target subject.
+    pub subject: String,
+    /// Body.
+    pub payload: Bytes,
+    /// Application headers.
+    pub headers: Vec<(String, String)>,
+    /// MIME type of the payload.
+    pub content_type: Option<String>,
+    /// Where replies should go.
+    pub reply_to: Option<String>,
+    /// Deliver no sooner than this from now.
+    pub delay: Duration,
+}
+
+/// One received message and the means to settle it.
+pub struct Delivery {
+    /// Stable message id (the dedup key).
+    pub id: String,
+    /// The subject it arrived on.
+    pub subject: String,
+    /// Body.
+    pub payload: Bytes,
+    /// Application headers.
+    pub headers: Vec<(String, String)>,
+    /// MIME type of the payload.
+    pub content_type: Option<String>,
+    /// Where replies should go.
+    pub reply_to: Option<String>,
+    /// 1-based attempt number, counted durably by the broker.
+    pub attempt: u32,
+    /// Whether this message was delivered before.
+    pub redelivered: bool,
+    /// When the broker first saw it, Unix ms.
+    pub first_seen_ms: u64,
+    /// Settles this delivery.
+    pub acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("id", &self.id)
+            .field("subject", &self.subject)
+            .field("attempt", &self.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settles one delivery. Exactly one method is called, once.
+///
+/// An `Err` means the outcome is unknown (the broker could not be told): the
+/// message will come back when its lease expires, and dedup absorbs a repeat.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Done: remove the message.
+    async fn ack(&self) -> Result<()>;
+    /// Failed, transiently: deliver again no sooner than `delay` from now.
+    /// The attempt already counted.
+    async fn retry(&self, delay: Duration) -> Result<()>;
+    /// Failed for good: move to dead-letter queue `queue` with `headers`
+    /// added, and remove from the source, atomically where possible.
+    async fn dead_letter(&self, queue: &str, headers: Vec<(String, String)>) -> Result<()>;
+    /// Not processed (shutdown): give it back now without counting the attempt.
+    async fn release(&self) -> Result<()>;
+}
+
+/// Where a handler's messages come from.
+#[async_trait]
+pub trait Source: Send + Sync {
+    /// Wait for, then return, between 1 and `max` deliveries. Each is hidden
+    /// from other consumers for `lease`, after which it is delivered again
+    /// unless settled. Returns early with none only on error.
+    async fn receive(&self, max: usize, lease: Duration) -> Result<Vec<Delivery>>;
+}
+
+/// Where a handler's publishes go.
+#[async_trait]
+pub trait Sink: Send + Sync {
+    /// Publish `messages`, returning once the broker has confirmed all of them
+    /// (durably stored, for durable brokers).
+    async fn publish(&self, messages: Vec<OutboundMessage>) -> Result<()>;
+}

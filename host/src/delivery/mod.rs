@@ -1,0 +1,328 @@
+//! The delivery engine: the one place that decides what happens to a message.
+//!
+//! For each handler binding (source → handler) a consumer loop takes
+//! deliveries while it has free concurrency (per handler and per tenant), and
+//! for each one:
+//!
+//! 1. too large → dead-letter (`payload-too-large`), never shown to the guest;
+//! 2. dedup on and (handler, id) already done → ack without running, counted;
+//! 3. wait for the rate limit, then run one attempt in a fresh instance;
+//! 4. success → publish the outbox and wait for confirmation, mark dedup, ack;
+//! 5. failure → `rejected` (or a failure retrying cannot fix) dead-letters at
+//!    once; anything else retries after backoff until `max_attempts`, then
+//!    dead-letters with the last reason.
+//!
+//! Settling errors (the broker could not be told) are logged as "outcome
+//! unknown": the lease runs out, the message comes back, dedup absorbs it.
+//! On shutdown the loop stops taking messages, waits up to the grace period
+//! for in-flight ones, and releases the rest for immediate redelivery.
+
+pub mod dedup;
+mod retry;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use dedup::DedupStore;
+pub use retry::RetryPolicy;
+
+use crate::broker::{Delivery, Sink, Source};
+use crate::runtime::{Failure, FailureKind, HandlerContext, LoadedComponent, Message, Runtime};
+use crate::store::now_ms;
+
+/// Every dead-letter header starts with this; replay strips them.
+pub const DEAD_LETTER_HEADER_PREFIX: &str = "wharf-dead-letter-";
+
+/// How long a delivery stays invisible to other consumers: long enough for
+/// the attempt, its outbox and its ack, short enough that a crashed host's
+/// messages come back soon. Must exceed the timeout by a margin because the
+/// outbox publish and the ack happen after the call returns.
+pub fn lease_for(timeout: Duration) -> Duration {
+    timeout * 2 + Duration::from_secs(5)
+}
+
+/// A source bound to a handler, with everything needed to settle its
+/// deliveries.
+pub struct Binding {
+    /// Handler name.
+    pub name: String,
+    /// The component to run; swapped atomically on reload.
+    pub component: ArcSwap<LoadedComponent>,
+    /// Limits, grants, config and key-value store of the handler.
+    pub context: Arc<HandlerContext>,
+    /// Where messages come from.
+    pub source: Arc<dyn Source>,
+    /// Where the outbox goes.
+    pub sink: Arc<dyn Sink>,
+    /// Dead-letter queue name.
+    pub dead_letter_queue: String,
+    /// Messages of this handler in flight at once.
+    pub concurrency: usize,
+    /// The tenant's shared in-flight budget.
+    pub tenant_permits: Arc<Semaphore>,
+    /// Retry timing.
+    pub retry: RetryPolicy,
+    /// Dedup store and TTL, when dedup is on.
+    pub dedup: Option<(Arc<dyn DedupStore>, Duration)>,
+    /// Rate limit, when set.
+    pub rate_limit: Option<DefaultDirectRateLimiter>,
+}
+
+/// Build a rate limiter allowing `messages` per `per`, with a burst of
+/// `messages`.
+pub fn rate_limiter(messages: u32, per: Duration) -> Option<DefaultDirectRateLimiter> {
+    let burst = std::num::NonZeroU32::new(messages)?;
+    let quota = Quota::with_period(per / messages)?.allow_burst(burst);
+    Some(RateLimiter::direct(quota))
+}
+
+/// Shutdown signals for consumers.
+#[derive(Clone, Default)]
+pub struct Shutdown {
+    /// Stop taking new messages.
+    pub stop: CancellationToken,
+    /// Give up on in-flight messages: release them for redelivery.
+    pub abort: CancellationToken,
+}
+
+/// How a delivery was settled, for metrics and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Handled and acked.
+    Acked,
+    /// Acked without running: a duplicate.
+    Deduplicated,
+    /// Scheduled for another attempt.
+    Retried,
+    /// Moved to the dead-letter queue.
+    DeadLettered,
+    /// Given back unprocessed (shutdown).
+    Released,
+    /// The broker could not be told; it will come back.
+    Unknown,
+}
+
+impl Settled {
+    fn as_str(self) -> &'static str {
+        match self {
+            Settled::Acked => "acked",
+            Settled::Deduplicated => "deduplicated",
+            Settled::Retried => "retried",
+            Settled::DeadLettered => "dead_lettered",
+            Settled::Released => "released",
+            Settled::Unknown => "unknown",
+        }
+    }
+}
+
+impl Binding {
+    fn lease(&self) -> Duration {
+        lease_for(self.context.limits.timeout)
+    }
+}
+
+/// Run `binding`'s consumer loop until `shutdown.stop`, then drain.
+pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown: Shutdown) {
+    let permits = Arc::new(Semaphore::new(binding.concurrency));
+    let mut in_flight = JoinSet::new();
+    let mut receive_errors = 0u32;
+    loop {
+        while in_flight.try_join_next().is_some() {}
+        let slots = tokio::select! {
+            s = take_slots(&binding, &permits) => s,
+            _ = shutdown.stop.cancelled() => break,
+        };
+        let received = tokio::select! {
+            r = binding.source.receive(slots.len(), binding.lease()) => r,
+            _ = shutdown.stop.cancelled() => break,
+        };
+        let deliveries = match received {
+            Ok(d) => {
+                receive_errors = 0;
+                d
+            }
+            Err(e) => {
+                receive_errors = receive_errors.saturating_add(1);
+                let wait = Duration::from_millis(100 * 2u64.pow(receive_errors.min(6)));
+                tracing::warn!(handler = %binding.name, error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "receive failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = shutdown.stop.cancelled() => break,
+                }
+            }
+        };
+        // Unused slots (fewer deliveries than asked for) drop here.
+        for (delivery, slot) in deliveries.into_iter().zip(slots) {
+            let (binding, runtime, abort) = (binding.clone(), runtime.clone(), shutdown.abort.clone());
+            in_flight.spawn(async move {
+                let _slot = slot;
+                tokio::select! {
+                    settled = process(&binding, &runtime, &delivery) => settled,
+                    _ = abort.cancelled() => release(&binding, &delivery).await,
+                }
+            });
+        }
+    }
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Wait for one free slot of the handler and the tenant, then take as many
+/// more as are free at once (up to the handler's concurrency): the size of
+/// the next batch. Rate-limited handlers take one at a time, after the limit.
+async fn take_slots(binding: &Binding, permits: &Arc<Semaphore>) -> Vec<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+    let mut slots = Vec::new();
+    let Ok(first) = permits.clone().acquire_owned().await else { return slots };
+    let Ok(tenant) = binding.tenant_permits.clone().acquire_owned().await else { return slots };
+    slots.push((first, tenant));
+    if let Some(limiter) = &binding.rate_limit {
+        limiter.until_ready().await;
+        return slots;
+    }
+    while slots.len() < binding.concurrency {
+        let (Ok(p), Ok(t)) = (permits.clone().try_acquire_owned(), binding.tenant_permits.clone().try_acquire_owned())
+        else {
+            break;
+        };
+        slots.push((p, t));
+    }
+    slots
+}
+
+/// Decide and carry out what happens to one delivery.
+pub async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery) -> Settled {
+    let limits = binding.context.limits;
+    if d.payload.len() > limits.max_payload_bytes {
+        let failure = Failure::new(
+            FailureKind::PayloadTooLarge,
+            format!("payload is {} bytes; max_payload_bytes is {}", d.payload.len(), limits.max_payload_bytes),
+        );
+        return dead_letter(binding, d, &failure).await;
+    }
+    if let Some((store, _)) = &binding.dedup {
+        match store.is_done(&binding.name, &d.id).await {
+            Ok(true) => {
+                tracing::debug!(handler = %binding.name, message_id = %d.id, "duplicate: acked without running");
+                return settle(binding, d, Settled::Deduplicated, d.acker.ack().await);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                // Running without knowing could repeat effects; try later.
+                let failure = Failure::new(FailureKind::Error, format!("dedup store unavailable: {e:#}"));
+                return retry_or_dead_letter(binding, d, &failure).await;
+            }
+        }
+    }
+
+    let component = binding.component.load_full();
+    let msg = Message {
+        id: d.id.clone(),
+        subject: d.subject.clone(),
+        payload: d.payload.to_vec(),
+        headers: d.headers.clone(),
+        content_type: d.content_type.clone(),
+        attempt: d.attempt,
+        redelivered: d.redelivered,
+        published_at_ms: d.first_seen_ms,
+        deadline_ms: now_ms() + limits.timeout.as_millis() as u64,
+        reply_to: d.reply_to.clone(),
+    };
+    let attempt = runtime.invoke(&component, &binding.context, msg).await;
+    metrics::histogram!("wharf_attempt_seconds", "handler" => binding.name.clone()).record(attempt.elapsed.as_secs_f64());
+
+    if let Err(failure) = attempt.result {
+        return retry_or_dead_letter(binding, d, &failure).await;
+    }
+    if !attempt.outbox.is_empty() {
+        let count = attempt.outbox.len();
+        if let Err(e) = binding.sink.publish(attempt.outbox).await {
+            let failure = Failure::new(FailureKind::Error, format!("outbox of {count} not confirmed: {e:#}"));
+            return retry_or_dead_letter(binding, d, &failure).await;
+        }
+    }
+    if let Some((store, ttl)) = &binding.dedup
+        && let Err(e) = store.mark_done(&binding.name, &d.id, *ttl).await
+    {
+        tracing::warn!(handler = %binding.name, message_id = %d.id, error = %format!("{e:#}"), "could not record dedup mark; a redelivery would run again");
+    }
+    settle(binding, d, Settled::Acked, d.acker.ack().await)
+}
+
+async fn retry_or_dead_letter(binding: &Binding, d: &Delivery, failure: &Failure) -> Settled {
+    let permanent = matches!(failure.kind, FailureKind::Rejected | FailureKind::PayloadTooLarge);
+    if permanent || d.attempt >= binding.retry.max_attempts {
+        return dead_letter(binding, d, failure).await;
+    }
+    let delay = binding.retry.delay(d.attempt, failure.retry_after);
+    tracing::warn!(
+        handler = %binding.name,
+        message_id = %d.id,
+        attempt = d.attempt,
+        max_attempts = binding.retry.max_attempts,
+        reason = failure.kind.as_str(),
+        error = %failure.message,
+        retry_in_ms = delay.as_millis() as u64,
+        "attempt failed; will retry"
+    );
+    metrics::counter!("wharf_failures_total", "handler" => binding.name.clone(), "reason" => failure.kind.as_str())
+        .increment(1);
+    settle(binding, d, Settled::Retried, d.acker.retry(delay).await)
+}
+
+/// The headers a dead letter carries, in one place for every backend.
+pub fn dead_letter_headers(handler: &str, d: &Delivery, failure: &Failure) -> Vec<(String, String)> {
+    let h = |k: &str, v: String| (format!("{DEAD_LETTER_HEADER_PREFIX}{k}"), v);
+    vec![
+        h("reason", failure.kind.as_str().to_string()),
+        h("error", failure.message.chars().take(4096).collect()),
+        h("attempts", d.attempt.to_string()),
+        h("handler", handler.to_string()),
+        h("subject", d.subject.clone()),
+        h("first-seen-ms", d.first_seen_ms.to_string()),
+        h("at-ms", now_ms().to_string()),
+    ]
+}
+
+async fn dead_letter(binding: &Binding, d: &Delivery, failure: &Failure) -> Settled {
+    tracing::error!(
+        handler = %binding.name,
+        message_id = %d.id,
+        attempt = d.attempt,
+        reason = failure.kind.as_str(),
+        error = %failure.message,
+        queue = %binding.dead_letter_queue,
+        "message dead-lettered"
+    );
+    metrics::counter!("wharf_failures_total", "handler" => binding.name.clone(), "reason" => failure.kind.as_str())
+        .increment(1);
+    let headers = dead_letter_headers(&binding.name, d, failure);
+    settle(binding, d, Settled::DeadLettered, d.acker.dead_letter(&binding.dead_letter_queue, headers).await)
+}
+
+async fn release(binding: &Binding, d: &Delivery) -> Settled {
+    settle(binding, d, Settled::Released, d.acker.release().await)
+}
+
+fn settle(binding: &Binding, d: &Delivery, intended: Settled, result: anyhow::Result<()>) -> Settled {
+    let settled = match result {
+        Ok(()) => intended,
+        Err(e) => {
+            tracing::warn!(
+                handler = %binding.name,
+                message_id = %d.id,
+                intended = intended.as_str(),
+                error = %format!("{e:#}"),
+                "outcome unknown: the broker was not told; the message will be redelivered"
+            );
+            Settled::Unknown
+        }
+    };
+    metrics::counter!("wharf_messages_total", "handler" => binding.name.clone(), "outcome" => settled.as_str())
+        .increment(1);
+    settled
+}

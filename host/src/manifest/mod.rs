@@ -1,0 +1,333 @@
+//! The TOML manifest: which brokers, tenants and handlers a host runs.
+//!
+//! Parsing is strict (`deny_unknown_fields` everywhere) and every error names
+//! the file, the line and the dotted field path, e.g.
+//! `wharf.toml:14: handlers.validate.dedup.ttl_secs: ...`. Relative paths
+//! resolve against the manifest's folder. The full reference with defaults is
+//! in the README ("Manifest reference"); the defaults live here, once.
+//!
+//! | table | what it configures |
+//! |---|---|
+//! | `[host]` | data folder, HTTP listener, shutdown grace |
+//! | `[brokers.<name>]` | broker connections; `embedded` always exists |
+//! | `[tenants.<name>]` | per-tenant ceilings: concurrency, memory, timeout, publish grants, key-value quota |
+//! | `[handlers.<name>]` | component, source, limits, retry, dead-letter, dedup, rate limit, config, grants |
+
+mod error;
+mod validate;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use error::{ManifestError, ManifestErrors};
+
+/// The name of the broker every manifest has, whether it declares it or not.
+pub const EMBEDDED_BROKER: &str = "embedded";
+/// The tenant handlers belong to when they name none.
+pub const DEFAULT_TENANT: &str = "default";
+
+/// A parsed, validated manifest. Paths in it are absolute.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Settings of the host process.
+    #[serde(default)]
+    pub host: HostConfig,
+    /// Broker connections by name.
+    #[serde(default)]
+    pub brokers: BTreeMap<String, BrokerConfig>,
+    /// Tenants by name.
+    #[serde(default)]
+    pub tenants: BTreeMap<String, TenantConfig>,
+    /// Handlers by name.
+    #[serde(default)]
+    pub handlers: BTreeMap<String, HandlerConfig>,
+    /// The manifest file this was read from.
+    #[serde(skip)]
+    pub file: PathBuf,
+}
+
+/// `[host]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostConfig {
+    /// Where the embedded broker, the key-value store and the compiled
+    /// component cache live. Default `.wharf` beside the manifest.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Address of the HTTP server (publish, dead-letter queues, health,
+    /// metrics). Port 0 picks a free port and writes it to
+    /// `<data_dir>/http.addr`. Default `127.0.0.1:8480`.
+    #[serde(default = "default_http")]
+    pub http: SocketAddr,
+    /// How long shutdown waits for in-flight messages before releasing them
+    /// for redelivery. Default 10000.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for HostConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: default_data_dir(),
+            http: default_http(),
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+        }
+    }
+}
+
+/// `[brokers.<name>]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "snake_case")]
+pub enum BrokerConfig {
+    /// The embedded durable broker, stored in the host's data folder.
+    Embedded {},
+}
+
+/// `[tenants.<name>]`: ceilings shared by all of a tenant's handlers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Messages of this tenant in flight at once, across its handlers. Default 64.
+    #[serde(default = "default_tenant_concurrency")]
+    pub max_concurrency: u32,
+    /// Largest `memory_mb` a handler of this tenant may ask for. Default 256.
+    #[serde(default = "default_tenant_memory_mb")]
+    pub max_memory_mb: u64,
+    /// Largest `timeout_ms` a handler of this tenant may ask for. Default 60000.
+    #[serde(default = "default_tenant_timeout_ms")]
+    pub max_timeout_ms: u64,
+    /// Subjects the tenant's handlers may ever publish to (patterns). A
+    /// publish must match both the handler's and the tenant's grants.
+    /// Default `[">"]`: everything the handler is granted.
+    #[serde(default = "default_tenant_publish")]
+    pub publish: Vec<String>,
+    /// Keys the tenant may hold in the key-value store. Default 10000.
+    #[serde(default = "default_kv_max_keys")]
+    pub kv_max_keys: u64,
+    /// Largest key-value value, in bytes. Default 65536.
+    #[serde(default = "default_kv_max_value_bytes")]
+    pub kv_max_value_bytes: u64,
+}
+
+impl Default for TenantConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrency: default_tenant_concurrency(),
+            max_memory_mb: default_tenant_memory_mb(),
+            max_timeout_ms: default_tenant_timeout_ms(),
+            publish: default_tenant_publish(),
+            kv_max_keys: default_kv_max_keys(),
+            kv_max_value_bytes: default_kv_max_value_bytes(),
+        }
+    }
+}
+
+/// `[handlers.<name>]`: one binding of a source to a handler component.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HandlerConfig {
+    /// Path of the component (`.wasm`), relative to the manifest's folder.
+    pub component: PathBuf,
+    /// The tenant the handler runs as. Default `default`.
+    #[serde(default = "default_tenant")]
+    pub tenant: String,
+    /// Where messages come from.
+    pub source: SourceConfig,
+    /// Messages handled at once. Default 8.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// Time budget of one attempt, in ms (CPU, enforced by epoch
+    /// interruption, and wall clock). Default 5000.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Linear memory cap of one instance, in MiB. Default 64.
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    /// Largest payload handed to the handler or published by it. Larger
+    /// incoming messages are dead-lettered unseen. Default 1048576.
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: u64,
+    /// Publishes allowed per attempt. Default 100.
+    #[serde(default = "default_max_publishes")]
+    pub max_publishes: u32,
+    /// Log bytes (log calls plus stdout/stderr) kept per attempt. Default 16384.
+    #[serde(default = "default_max_log_bytes")]
+    pub max_log_bytes: u64,
+    /// Subjects the handler may publish to (patterns: `*` one token, `>` the rest).
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Retry policy.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Dead-letter queue name. Default: the source subject's own queue.
+    pub dead_letter: Option<String>,
+    /// Deduplication on (handler, message id); off unless the table is given.
+    pub dedup: Option<DedupConfig>,
+    /// Rate limit; none unless the table is given.
+    pub rate_limit: Option<RateLimitConfig>,
+    /// Strings the handler reads with `config-get`.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+}
+
+/// `source = { broker = "...", subject = "..." }`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Broker name. Default `embedded`.
+    #[serde(default = "default_broker")]
+    pub broker: String,
+    /// Subject (queue) to consume.
+    pub subject: String,
+}
+
+/// `[handlers.<name>.retry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Attempts in all, the first included. Default 5.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Delay before the first retry, in ms. Default 200.
+    #[serde(default = "default_initial_delay_ms")]
+    pub initial_delay_ms: u64,
+    /// Ceiling of any retry delay, a handler's retry-after included. Default 30000.
+    #[serde(default = "default_max_delay_ms")]
+    pub max_delay_ms: u64,
+    /// Growth of the delay per attempt. Default 2.0.
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            initial_delay_ms: default_initial_delay_ms(),
+            max_delay_ms: default_max_delay_ms(),
+            multiplier: default_multiplier(),
+        }
+    }
+}
+
+/// `[handlers.<name>.dedup]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DedupConfig {
+    /// How long a successfully handled id is remembered, in seconds. Must be
+    /// at least the retry horizon. Default 86400.
+    #[serde(default = "default_dedup_ttl_secs")]
+    pub ttl_secs: u64,
+}
+
+/// `[handlers.<name>.rate_limit]`: at most `messages` per `per_ms`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Messages allowed per period.
+    pub messages: u32,
+    /// The period, in ms. Default 1000.
+    #[serde(default = "default_rate_period_ms")]
+    pub per_ms: u64,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(".wharf")
+}
+fn default_http() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8480))
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
+fn default_tenant_concurrency() -> u32 {
+    64
+}
+fn default_tenant_memory_mb() -> u64 {
+    256
+}
+fn default_tenant_timeout_ms() -> u64 {
+    60_000
+}
+fn default_tenant_publish() -> Vec<String> {
+    vec![">".to_string()]
+}
+fn default_kv_max_keys() -> u64 {
+    10_000
+}
+fn default_kv_max_value_bytes() -> u64 {
+    65_536
+}
+fn default_tenant() -> String {
+    DEFAULT_TENANT.to_string()
+}
+fn default_broker() -> String {
+    EMBEDDED_BROKER.to_string()
+}
+fn default_concurrency() -> u32 {
+    8
+}
+fn default_timeout_ms() -> u64 {
+    5_000
+}
+fn default_memory_mb() -> u64 {
+    64
+}
+fn default_max_payload_bytes() -> u64 {
+    1 << 20
+}
+fn default_max_publishes() -> u32 {
+    100
+}
+fn default_max_log_bytes() -> u64 {
+    16 * 1024
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_initial_delay_ms() -> u64 {
+    200
+}
+fn default_max_delay_ms() -> u64 {
+    30_000
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+fn default_dedup_ttl_secs() -> u64 {
+    86_400
+}
+fn default_rate_period_ms() -> u64 {
+    1_000
+}
+
+impl Manifest {
+    /// Read, parse and validate the manifest at `path`. Component files are
+    /// checked for existence here; that they implement the handler world is
+    /// checked when they are loaded (`wharf check` does both).
+    pub fn load(path: &Path) -> Result<Manifest, ManifestErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ManifestErrors(vec![ManifestError {
+                file: path.to_path_buf(),
+                line: None,
+                field: String::new(),
+                message: format!("cannot read the manifest: {e}"),
+            }])
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parse and validate manifest `text` as if read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Manifest, ManifestErrors> {
+        validate::parse(path, text)
+    }
+
+    /// The tenant settings of `name` (the implicit default tenant included).
+    pub fn tenant(&self, name: &str) -> TenantConfig {
+        self.tenants.get(name).cloned().unwrap_or_default()
+    }
+}

@@ -1,0 +1,332 @@
+//! The Wasm runtime: one wasmtime engine, components compiled once and cached
+//! on disk, and a fresh store + instance per attempt.
+//!
+//! | setting | value | why |
+//! |---|---|---|
+//! | allocator | pooling, sized from the manifest | instantiation is a slot reuse, not an mmap |
+//! | CPU budget | epoch interruption, one tick per [`TICK`] | a loop with no host calls is still stopped; the guest also yields to tokio every tick |
+//! | wall budget | `tokio::time::timeout` around the call | a guest parked in a host call is stopped too |
+//! | memory | [`host::MemoryCap`] per store | growth past `memory_mb` fails, reported as `memory` |
+//! | WASI | linked with nothing granted | Rust's std imports it; files, env, args, network stay closed |
+//! | cache | `<data_dir>/cache/<sha256(component)>-<engine hash>.cwasm` | restarts skip compilation; only files this host wrote, with a matching checksum, are deserialised |
+
+mod host;
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use sha2::{Digest, Sha256};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
+
+pub use host::{AttemptLimits, HandlerContext, sanitize};
+use host::StoreState;
+
+use crate::broker::OutboundMessage;
+
+/// The generated bindings, kept private; the types that cross the seam are
+/// re-exported below.
+mod bindings {
+    wasmtime::component::bindgen!({
+        world: "handler-world",
+        path: "../wit",
+        imports: { default: async },
+        exports: { default: async },
+    });
+}
+
+pub use bindings::wharf::handler::types::{HandlerError, Message};
+
+/// One epoch tick. The CPU budget is counted in ticks, so it is enforced to
+/// within a tick; 10 ms keeps the ticker thread's cost negligible.
+pub const TICK: Duration = Duration::from_millis(10);
+
+/// Why an attempt failed, as recorded in logs, metrics and the
+/// `wharf-dead-letter-reason` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FailureKind {
+    /// The handler asked for a retry.
+    Retry,
+    /// The handler rejected the message.
+    Rejected,
+    /// The guest trapped (panic, unreachable, out-of-bounds ...).
+    Trap,
+    /// CPU or wall-clock budget exhausted.
+    Timeout,
+    /// Linear memory growth past the cap.
+    Memory,
+    /// Anything else: instantiation failed, bad output, outbox not confirmed.
+    Error,
+    /// The message is larger than `max_payload_bytes`; never shown to the guest.
+    PayloadTooLarge,
+}
+
+impl FailureKind {
+    /// Stable name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureKind::Retry => "retry",
+            FailureKind::Rejected => "rejected",
+            FailureKind::Trap => "trap",
+            FailureKind::Timeout => "timeout",
+            FailureKind::Memory => "memory",
+            FailureKind::Error => "error",
+            FailureKind::PayloadTooLarge => "payload-too-large",
+        }
+    }
+}
+
+/// A failed attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// Classification.
+    pub kind: FailureKind,
+    /// Human-readable detail (sanitised guest text or host error).
+    pub message: String,
+    /// The handler's requested minimum delay before the next attempt.
+    pub retry_after: Option<Duration>,
+}
+
+impl Failure {
+    /// A failure with no retry-after.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
+        Self { kind, message: message.into(), retry_after: None }
+    }
+}
+
+/// What one attempt produced.
+#[derive(Debug)]
+pub struct Attempt {
+    /// Success, or why not.
+    pub result: Result<(), Failure>,
+    /// Publishes to release if (and only if) the attempt succeeded.
+    pub outbox: Vec<OutboundMessage>,
+    /// Wall time of instantiate + call.
+    pub elapsed: Duration,
+}
+
+/// Sizing of the engine.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Instances alive at once, at most (sum of handler concurrency, plus room).
+    pub max_instances: u32,
+    /// Largest linear memory any handler may have, bytes.
+    pub max_memory_bytes: usize,
+    /// Where compiled components are cached.
+    pub cache_dir: PathBuf,
+}
+
+/// The engine, linker and epoch ticker.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<StoreState>,
+    cache_dir: PathBuf,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+/// A component ready to instantiate.
+#[derive(Clone)]
+pub struct LoadedComponent {
+    pre: bindings::HandlerWorldPre<StoreState>,
+    /// Hex sha256 of the component bytes.
+    pub digest: String,
+}
+
+/// The CPU budget of an attempt ran out.
+#[derive(Debug, thiserror::Error)]
+#[error("CPU budget exhausted")]
+struct CpuBudgetExhausted;
+
+impl Runtime {
+    /// Build the engine and linker and start the epoch ticker.
+    pub fn new(cfg: RuntimeConfig) -> Result<Self> {
+        let mut pool = PoolingAllocationConfig::default();
+        let slots = cfg.max_instances.max(1);
+        pool.total_component_instances(slots)
+            .total_core_instances(slots.saturating_mul(8))
+            .total_memories(slots.saturating_mul(2))
+            .total_tables(slots.saturating_mul(4))
+            .total_stacks(slots)
+            .max_memory_size(cfg.max_memory_bytes);
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .wasm_component_model(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(anyhow::Error::from).context("creating the Wasm engine")?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from).context("linking WASI")?;
+        bindings::HandlerWorld::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)
+            .map_err(anyhow::Error::from)
+            .context("linking the wharf host imports")?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (weak, stop) = (engine.weak(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("wharf-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => return,
+                    }
+                }
+            })
+            .context("starting the epoch ticker")?;
+
+        std::fs::create_dir_all(&cfg.cache_dir)
+            .with_context(|| format!("creating the component cache {}", cfg.cache_dir.display()))?;
+        Ok(Self { engine, linker, cache_dir: cfg.cache_dir, ticker_stop })
+    }
+
+    /// Load the component at `path`: from the compiled cache when this host
+    /// compiled it before, else compile and cache it. Fails, naming what is
+    /// wrong, when it does not implement the handler world (missing or
+    /// mistyped export, imports wharf does not provide).
+    pub fn load(&self, path: &Path) -> Result<LoadedComponent> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading component {}", path.display()))?;
+        let digest = hex::encode(Sha256::digest(&bytes));
+        let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
+        let cached = self.cache_dir.join(format!("{digest}-{:016x}.cwasm", engine_hash.finish()));
+
+        let component = match self.read_cache(&cached) {
+            Some(component) => component,
+            None => {
+                let compiled = self
+                    .engine
+                    .precompile_component(&bytes)
+                    .map_err(anyhow::Error::from)
+                    .with_context(|| format!("{} is not a valid WebAssembly component", path.display()))?;
+                self.write_cache(&cached, &compiled)?;
+                // SAFETY: `compiled` was produced by this engine just now.
+                unsafe { Component::deserialize(&self.engine, &compiled) }.map_err(anyhow::Error::from)?
+            }
+        };
+        let instance_pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(anyhow::Error::from)
+            .with_context(|| format!("{} needs imports wharf does not provide", path.display()))?;
+        let pre = bindings::HandlerWorldPre::new(instance_pre)
+            .map_err(anyhow::Error::from)
+            .with_context(|| {
+                format!("{} does not export `wharf:handler/handler@0.1.0` with `handle`", path.display())
+            })?;
+        Ok(LoadedComponent { pre, digest })
+    }
+
+    /// The cached artifact at `path`, if it is one this host wrote: its
+    /// checksum file must match (guarding against truncation and against
+    /// files put there by anyone else).
+    fn read_cache(&self, path: &Path) -> Option<Component> {
+        let artifact = std::fs::read(path).ok()?;
+        let recorded = std::fs::read_to_string(path.with_extension("sha256")).ok()?;
+        if recorded.trim() != hex::encode(Sha256::digest(&artifact)) {
+            tracing::warn!(path = %path.display(), "ignoring a cached component whose checksum does not match");
+            return None;
+        }
+        // SAFETY: the artifact was written by `write_cache` of a host with the
+        // same engine settings (both are in the file name) and is unchanged
+        // since (checksum). Deserialising trusts it to be well-formed code.
+        match unsafe { Component::deserialize(&self.engine, &artifact) } {
+            Ok(c) => Some(c),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "ignoring an unusable cached component");
+                None
+            }
+        }
+    }
+
+    fn write_cache(&self, path: &Path, compiled: &[u8]) -> Result<()> {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, compiled).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::write(path.with_extension("sha256"), hex::encode(Sha256::digest(compiled)))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Run one attempt: instantiate `component` in a fresh store with the
+    /// handler's limits and call `handle(msg)`. Never panics and never fails:
+    /// every problem becomes a classified [`Failure`].
+    pub async fn invoke(&self, component: &LoadedComponent, handler: &Arc<HandlerContext>, msg: Message) -> Attempt {
+        let started = Instant::now();
+        let limits = handler.limits;
+        let mut store = Store::new(&self.engine, StoreState::new(handler.clone(), msg.id.clone()));
+        store.limiter(|s| &mut s.memory);
+        let budget_ticks = (limits.timeout.as_millis() / TICK.as_millis()).max(1) as u64;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |mut cx| {
+            let state = cx.data_mut();
+            state.ticks += 1;
+            if state.ticks >= budget_ticks {
+                return Err(wasmtime::Error::new(CpuBudgetExhausted));
+            }
+            Ok(UpdateDeadline::Yield(1))
+        });
+
+        let call = async {
+            let instance = component.pre.instantiate_async(&mut store).await?;
+            instance.wharf_handler_handler().call_handle(&mut store, &msg).await
+        };
+        let outcome = tokio::time::timeout(limits.timeout, call).await;
+        let result = match outcome {
+            Err(_) => Err(Failure::new(
+                FailureKind::Timeout,
+                format!("wall-clock budget of {} ms exhausted", limits.timeout.as_millis()),
+            )),
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(HandlerError::Retry(info)))) => Err(Failure {
+                kind: FailureKind::Retry,
+                message: sanitize(&info.reason),
+                retry_after: info.after_ms.map(Duration::from_millis),
+            }),
+            Ok(Ok(Err(HandlerError::Reject(reason)))) => Err(Failure::new(FailureKind::Rejected, sanitize(&reason))),
+            Ok(Err(e)) => Err(classify(&e, store.data().memory.exceeded, &limits)),
+        };
+        let state = store.data_mut();
+        state.attempt.flush_stdio();
+        let outbox = std::mem::take(&mut state.attempt.outbox);
+        Attempt { result, outbox, elapsed: started.elapsed() }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn classify(e: &wasmtime::Error, memory_exceeded: bool, limits: &AttemptLimits) -> Failure {
+    if e.is::<CpuBudgetExhausted>() {
+        return Failure::new(
+            FailureKind::Timeout,
+            format!("CPU budget of {} ms exhausted", limits.timeout.as_millis()),
+        );
+    }
+    if memory_exceeded {
+        return Failure::new(
+            FailureKind::Memory,
+            format!("linear memory would exceed the cap of {} MiB: {e}", limits.memory_bytes >> 20),
+        );
+    }
+    if let Some(trap) = e.downcast_ref::<Trap>() {
+        // The root cause first, then the guest backtrace wasmtime attached.
+        return Failure::new(FailureKind::Trap, sanitize(&format!("{trap}: {e:?}")));
+    }
+    Failure::new(FailureKind::Error, sanitize(&format!("{e:?}")))
+}
+
+/// Check, without running anything, that `path` is a loadable handler.
+pub fn check_component(runtime: &Runtime, path: &Path) -> Result<()> {
+    if !path.is_file() {
+        bail!("no component at {}", path.display());
+    }
+    runtime.load(path).map(drop)
+}

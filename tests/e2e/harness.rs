@@ -1,0 +1,255 @@
+//! Helpers: build the test programs, write a manifest, run the real `wharf`
+//! binary against it, talk to it over HTTP, and inspect its database after it
+//! has stopped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use wharf::broker::embedded::{DeadLetterEntry, EmbeddedBroker, QueueStats, open_offline};
+use wharf::kv::{Kv, KvQuota};
+use wharf::store::Store;
+
+pub type Result<T = ()> = anyhow::Result<T>;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ has a parent").to_path_buf()
+}
+
+/// Build the guest crates once per test process and return the folder holding
+/// their components. A separate target dir keeps the nested cargo clear of
+/// the lock the outer `cargo test` holds.
+pub fn guests() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let target = workspace().join("target/guests");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace())
+            .args(["build", "--profile", "guest", "--target", "wasm32-wasip2"])
+            .args(["-p", "wharf-test-programs", "-p", "order-validator", "-p", "order-fulfiller", "-p", "flaky-payment"])
+            .arg("--target-dir")
+            .arg(&target)
+            .status()
+            .expect("running cargo to build the test programs");
+        assert!(
+            status.success(),
+            "building the guest components failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`)"
+        );
+        target.join("wasm32-wasip2/guest")
+    })
+}
+
+/// Path of test program `name` (a file in tests/programs/src/bin/).
+pub fn program(name: &str) -> PathBuf {
+    let path = guests().join(format!("{name}.wasm"));
+    assert!(path.is_file(), "no test program {name} at {}", path.display());
+    path
+}
+
+/// A temporary folder with a manifest in it.
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub manifest: PathBuf,
+}
+
+impl Setup {
+    /// Write `handlers` (TOML for the `[handlers.*]` and `[tenants.*]`
+    /// tables) under a `[host]` table with a free port and the folder's data dir.
+    pub fn new(handlers: &str) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let manifest = dir.path().join("wharf.toml");
+        let text = format!(
+            "[host]\ndata_dir = \"data\"\nhttp = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n\n{handlers}"
+        );
+        std::fs::write(&manifest, text)?;
+        Ok(Self { dir, manifest })
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Start a host on this manifest and wait until it is ready.
+    pub async fn start(&self) -> Result<Host> {
+        Host::start(&self.manifest, &self.data_dir()).await
+    }
+
+    /// Open the stopped host's database.
+    pub fn open(&self) -> Result<Offline> {
+        let (store, broker) = open_offline(&self.data_dir().join(wharf::app::DB_FILE))?;
+        Ok(Offline { store, broker })
+    }
+}
+
+/// A stopped host's state.
+pub struct Offline {
+    pub store: Store,
+    pub broker: EmbeddedBroker,
+}
+
+impl Offline {
+    /// Integer under `key` in `tenant`'s key-value store (0 when absent).
+    pub fn counter(&self, tenant: &str, key: &str) -> i64 {
+        let kv = Kv::new(self.store.clone(), tenant, KvQuota { max_keys: u64::MAX, max_value_bytes: u64::MAX });
+        kv.get(key)
+            .expect("kv readable")
+            .map(|v| String::from_utf8_lossy(&v).parse().expect("a number"))
+            .unwrap_or(0)
+    }
+
+    pub fn stats(&self) -> Vec<QueueStats> {
+        self.broker.stats().expect("stats")
+    }
+}
+
+/// A running `wharf run` process.
+pub struct Host {
+    pub child: Child,
+    pub url: String,
+    pub log: PathBuf,
+    client: reqwest::Client,
+}
+
+impl Host {
+    pub async fn start(manifest: &Path, data_dir: &Path) -> Result<Self> {
+        let _ = std::fs::remove_file(data_dir.join(wharf::app::HTTP_ADDR_FILE));
+        std::fs::create_dir_all(data_dir)?;
+        let log = data_dir.join(format!("host-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()));
+        let child = Command::new(env!("CARGO_BIN_EXE_wharf"))
+            .arg("run")
+            .arg(manifest)
+            .env("RUST_LOG", "info,wharf=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()?;
+        let mut host = Self { child, url: String::new(), log, client: reqwest::Client::new() };
+        let addr_file = data_dir.join(wharf::app::HTTP_ADDR_FILE);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = host.child.try_wait()? {
+                anyhow::bail!("host exited early ({status}):\n{}", host.logs());
+            }
+            if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+                host.url = format!("http://{}", addr.trim());
+                if let Ok(r) = host.client.get(format!("{}/readyz", host.url)).send().await
+                    && r.status().is_success()
+                {
+                    return Ok(host);
+                }
+            }
+            anyhow::ensure!(Instant::now() < deadline, "host not ready in time:\n{}", host.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Publish through the HTTP API; returns the id.
+    pub async fn publish(&self, subject: &str, payload: &str, id: Option<&str>) -> Result<String> {
+        let mut req = self.client.post(format!("{}/v1/publish/{subject}", self.url)).body(payload.to_string());
+        if let Some(id) = id {
+            req = req.query(&[("id", id)]);
+        }
+        let resp = req.send().await?;
+        anyhow::ensure!(resp.status().as_u16() == 202, "publish failed: {}", resp.text().await?);
+        let v: Value = resp.json().await?;
+        Ok(v["id"].as_str().unwrap_or_default().to_string())
+    }
+
+    pub async fn stats(&self) -> Result<Vec<QueueStats>> {
+        Ok(self.client.get(format!("{}/v1/queues", self.url)).send().await?.json().await?)
+    }
+
+    pub async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetterEntry>> {
+        Ok(self.client.get(format!("{}/v1/dlq/{queue}", self.url)).send().await?.json().await?)
+    }
+
+    pub async fn metrics(&self) -> Result<String> {
+        Ok(self.client.get(format!("{}/metrics", self.url)).send().await?.text().await?)
+    }
+
+    /// The value of counter `wharf_messages_total{handler,outcome}` (0 if absent).
+    pub async fn outcome_count(&self, handler: &str, outcome: &str) -> Result<u64> {
+        let text = self.metrics().await?;
+        let needle = format!("wharf_messages_total{{handler=\"{handler}\",outcome=\"{outcome}\"}} ");
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .map(|v| v.trim().parse().unwrap_or(0))
+            .unwrap_or(0))
+    }
+
+    /// Wait until no subject has ready or pending messages (dead letters may remain).
+    pub async fn wait_drained(&self, timeout: Duration) -> Result<Vec<QueueStats>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stats = self.stats().await?;
+            if stats.iter().all(|s| s.ready == 0 && s.pending == 0) {
+                return Ok(stats);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "not drained in {timeout:?}: {stats:?}\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Wait until `cond` holds.
+    pub async fn wait_for<F, Fut>(&self, what: &str, timeout: Duration, mut cond: F) -> Result
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<bool>>,
+    {
+        let deadline = Instant::now() + timeout;
+        while !cond().await? {
+            anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM, then wait for exit; returns the exit code.
+    pub fn terminate(mut self) -> Result<i32> {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let status = self.child.wait()?;
+        Ok(status.code().unwrap_or(-1))
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(mut self) -> Result {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run `wharf <args>` to completion: (exit code, stdout, stderr).
+pub fn wharf(args: &[&str]) -> Result<(i32, String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf")).args(args).stdin(Stdio::null()).output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// A handler table for test program `program` consuming `subject`.
+pub fn handler(name: &str, program_name: &str, subject: &str, extra: &str) -> String {
+    format!(
+        "[handlers.{name}]\ncomponent = {:?}\nsource = {{ subject = {subject:?} }}\n{extra}\n",
+        program(program_name).display().to_string()
+    )
+}

@@ -1,0 +1,453 @@
+//! End-to-end tests: the real `wharf` binary, real handler components built
+//! from `tests/programs`, the embedded broker on a temporary data folder.
+
+mod harness;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use harness::*;
+
+const LONG: Duration = Duration::from_secs(90);
+
+fn header<'a>(headers: &'a [(String, String)], key: &str) -> &'a str {
+    headers.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).unwrap_or("")
+}
+
+/// Every program in tests/programs/src/bin must be run by some test here.
+#[test]
+fn every_test_program_is_used() {
+    let sources = include_str!("main.rs");
+    let bin = workspace().join("tests/programs/src/bin");
+    for entry in std::fs::read_dir(&bin).expect("programs folder") {
+        let name = entry.expect("entry").path().file_stem().expect("stem").to_string_lossy().into_owned();
+        assert!(
+            sources.contains(&format!("\"{name}\"")),
+            "test program {name} is not used by any test in tests/e2e/main.rs"
+        );
+    }
+}
+
+#[tokio::test]
+async fn success_acks_every_message_once() -> Result {
+    let setup = Setup::new(&handler("count", "ok", "jobs", ""))?;
+    let host = setup.start().await?;
+    for i in 0..20 {
+        host.publish("jobs", "{}", Some(&format!("j{i}"))).await?;
+    }
+    // The CLI publishes through the same endpoint.
+    let (code, out, err) = wharf(&["publish", "--url", &host.url, "jobs", "{}", "--id", "cli", "-H", "k=v"])?;
+    assert_eq!(code, 0, "{out}{err}");
+    host.wait_drained(LONG).await?;
+    assert_eq!(host.outcome_count("count", "acked").await?, 21);
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    for i in 0..20 {
+        assert_eq!(db.counter("default", &format!("runs:j{i}")), 1);
+    }
+    assert_eq!(db.counter("default", "runs:cli"), 1);
+    assert!(db.stats().is_empty(), "{:?}", db.stats());
+    Ok(())
+}
+
+#[tokio::test]
+async fn retry_then_success_counts_attempts() -> Result {
+    let setup = Setup::new(&handler(
+        "flaky",
+        "flaky",
+        "jobs",
+        "config = { succeed_on_attempt = \"3\" }\n[handlers.flaky.retry]\nmax_attempts = 5\ninitial_delay_ms = 10\nmax_delay_ms = 100\n",
+    ))?;
+    let host = setup.start().await?;
+    host.publish("jobs", "{}", Some("f1")).await?;
+    host.wait_for("the success", LONG, || async { Ok(host.outcome_count("flaky", "acked").await? == 1) })
+        .await?;
+    assert_eq!(host.outcome_count("flaky", "retried").await?, 2);
+    assert!(host.dead_letters("jobs").await?.is_empty());
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    assert_eq!(db.counter("default", "done:f1"), 3, "succeeded on the third attempt");
+    assert_eq!(db.counter("default", "runs:f1"), 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn retries_exhausted_dead_letter_with_the_last_reason() -> Result {
+    let setup = Setup::new(&handler(
+        "flaky",
+        "flaky",
+        "jobs",
+        "config = { succeed_on_attempt = \"99\" }\ndead_letter = \"jobs.failed\"\n[handlers.flaky.retry]\nmax_attempts = 3\ninitial_delay_ms = 10\nmax_delay_ms = 50\n",
+    ))?;
+    let host = setup.start().await?;
+    host.publish("jobs", "{}", Some("never")).await?;
+    host.wait_for("the dead letter", LONG, || async { Ok(host.dead_letters("jobs.failed").await?.len() == 1) })
+        .await?;
+    let dead = host.dead_letters("jobs.failed").await?;
+    let h = &dead[0].headers;
+    assert_eq!(header(h, "wharf-dead-letter-reason"), "retry");
+    assert_eq!(header(h, "wharf-dead-letter-attempts"), "3");
+    assert_eq!(header(h, "wharf-dead-letter-error"), "not yet (attempt 3)");
+    assert_eq!(host.terminate()?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn reject_dead_letters_at_once_and_replay_returns_it() -> Result {
+    let setup = Setup::new(&handler("validate", "reject", "input", ""))?;
+    let host = setup.start().await?;
+    host.publish("input", r#"{"valid": false}"#, Some("bad")).await?;
+    host.publish("input", "not json", Some("garbage")).await?;
+    host.publish("input", r#"{"valid": true}"#, Some("good")).await?;
+    host.wait_drained(LONG).await?;
+    let dead: BTreeMap<String, _> =
+        host.dead_letters("input").await?.into_iter().map(|d| (d.id.clone(), d)).collect();
+    assert_eq!(dead.keys().collect::<Vec<_>>(), ["bad", "garbage"]);
+    for d in dead.values() {
+        assert_eq!(header(&d.headers, "wharf-dead-letter-reason"), "rejected");
+        assert_eq!(header(&d.headers, "wharf-dead-letter-attempts"), "1");
+        assert_eq!(header(&d.headers, "wharf-dead-letter-handler"), "validate");
+        assert_eq!(header(&d.headers, "wharf-dead-letter-subject"), "input");
+        assert!(header(&d.headers, "wharf-dead-letter-first-seen-ms").parse::<u64>()? > 0);
+    }
+    assert_eq!(header(&dead["bad"].headers, "wharf-dead-letter-error"), "input is marked invalid");
+    assert!(header(&dead["garbage"].headers, "wharf-dead-letter-error").contains("not the expected JSON"));
+    assert!(host.logs().contains("message dead-lettered"), "the failure is logged");
+
+    // The CLI lists and replays; a replayed bad message is rejected again.
+    let (code, out, _) = wharf(&["dlq", "list", "--url", &host.url, "input"])?;
+    assert_eq!(code, 0);
+    assert!(out.contains("\"garbage\""), "{out}");
+    let (code, out, _) = wharf(&["dlq", "replay", "--url", &host.url, "input", "--id", "bad"])?;
+    assert_eq!(code, 0);
+    assert!(out.contains("\"replayed\": 1"), "{out}");
+    host.wait_for("the replayed message to be rejected again", LONG, || async {
+        Ok(host.outcome_count("validate", "dead_lettered").await? == 3)
+    })
+    .await?;
+    assert_eq!(host.dead_letters("input").await?.len(), 2);
+    assert_eq!(host.terminate()?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn infinite_loop_is_stopped_by_the_deadline_and_others_keep_running() -> Result {
+    let manifest = format!(
+        "{}{}",
+        handler(
+            "spin",
+            "spin",
+            "spin",
+            "timeout_ms = 300\n[handlers.spin.retry]\nmax_attempts = 2\ninitial_delay_ms = 10\nmax_delay_ms = 10\n"
+        ),
+        handler("count", "ok", "jobs", "")
+    );
+    let setup = Setup::new(&manifest)?;
+    let host = setup.start().await?;
+    host.publish("spin", "{}", Some("loop")).await?;
+    for i in 0..5 {
+        host.publish("jobs", "{}", Some(&format!("j{i}"))).await?;
+    }
+    host.wait_for("the spinning message to be dead-lettered", LONG, || async {
+        Ok(host.dead_letters("spin").await?.len() == 1)
+    })
+    .await?;
+    let dead = host.dead_letters("spin").await?;
+    assert_eq!(header(&dead[0].headers, "wharf-dead-letter-reason"), "timeout");
+    assert_eq!(header(&dead[0].headers, "wharf-dead-letter-attempts"), "2");
+    assert!(header(&dead[0].headers, "wharf-dead-letter-error").contains("budget of 300 ms exhausted"));
+    host.wait_drained(LONG).await?;
+    assert_eq!(host.outcome_count("count", "acked").await?, 5);
+    assert_eq!(host.terminate()?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn memory_bomb_is_stopped_by_the_cap() -> Result {
+    let setup = Setup::new(&handler(
+        "bomb",
+        "memory_bomb",
+        "bomb",
+        "memory_mb = 16\n[handlers.bomb.retry]\nmax_attempts = 1\n",
+    ))?;
+    let host = setup.start().await?;
+    host.publish("bomb", "{}", Some("b1")).await?;
+    host.wait_for("the dead letter", LONG, || async { Ok(host.dead_letters("bomb").await?.len() == 1) }).await?;
+    let dead = host.dead_letters("bomb").await?;
+    assert_eq!(header(&dead[0].headers, "wharf-dead-letter-reason"), "memory");
+    assert!(header(&dead[0].headers, "wharf-dead-letter-error").contains("cap of 16 MiB"));
+    // The host is fine and serves on.
+    host.publish("bomb", "{}", Some("b2")).await?;
+    host.wait_for("the second dead letter", LONG, || async { Ok(host.dead_letters("bomb").await?.len() == 2) })
+        .await?;
+    assert_eq!(host.terminate()?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn trap_is_a_retried_failure_then_dead_letter() -> Result {
+    let setup = Setup::new(&handler(
+        "trap",
+        "trap",
+        "jobs",
+        "[handlers.trap.retry]\nmax_attempts = 2\ninitial_delay_ms = 10\nmax_delay_ms = 10\n",
+    ))?;
+    let host = setup.start().await?;
+    host.publish("jobs", "{}", Some("t1")).await?;
+    host.wait_for("the dead letter", LONG, || async { Ok(host.dead_letters("jobs").await?.len() == 1) }).await?;
+    let dead = host.dead_letters("jobs").await?;
+    assert_eq!(header(&dead[0].headers, "wharf-dead-letter-reason"), "trap");
+    assert_eq!(header(&dead[0].headers, "wharf-dead-letter-attempts"), "2");
+    // The guest's panic message reached the host log, tagged with the handler.
+    assert!(host.logs().contains("deliberate panic on message t1"), "{}", host.logs());
+    assert_eq!(host.terminate()?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn repeated_id_is_deduplicated() -> Result {
+    let setup = Setup::new(&handler("count", "ok", "jobs", "[handlers.count.dedup]\nttl_secs = 3600\n"))?;
+    let host = setup.start().await?;
+    for _ in 0..3 {
+        host.publish("jobs", "{}", Some("same")).await?;
+        host.wait_drained(LONG).await?;
+    }
+    host.publish("jobs", "{}", Some("other")).await?;
+    host.wait_drained(LONG).await?;
+    assert_eq!(host.outcome_count("count", "acked").await?, 2);
+    assert_eq!(host.outcome_count("count", "deduplicated").await?, 2);
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    assert_eq!(db.counter("default", "runs:same"), 1);
+    assert_eq!(db.counter("default", "runs:other"), 1);
+    assert_eq!(wharf::delivery::dedup::count(&db.store, "count")?, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn outbox_is_discarded_on_failure_and_released_on_success() -> Result {
+    let setup = Setup::new(&handler(
+        "fanout",
+        "outbox",
+        "jobs",
+        "publish = [\"out\"]\n[handlers.fanout.retry]\ninitial_delay_ms = 10\nmax_delay_ms = 10\n",
+    ))?;
+    let host = setup.start().await?;
+    host.publish("jobs", "{}", Some("o1")).await?;
+    host.wait_for("the success", LONG, || async { Ok(host.outcome_count("fanout", "acked").await? == 1) })
+        .await?;
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    let out = db.broker.source("out").receive(10, Duration::from_secs(60)).await?;
+    let mut seen: Vec<(String, String)> =
+        out.iter().map(|d| (d.id.clone(), header(&d.headers, "attempt").to_string())).collect();
+    seen.sort();
+    // Only the second attempt's two publishes, with ids derived from the source id.
+    assert_eq!(seen, [("o1/0".to_string(), "2".to_string()), ("o1/1".to_string(), "2".to_string())]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn sandbox_denies_files_env_network_and_ungranted_publish() -> Result {
+    let setup = Setup::new(&handler("probe", "sandbox", "jobs", "publish = [\"allowed\"]\n"))?;
+    let host = setup.start().await?;
+    host.publish("jobs", "{}", Some("s1")).await?;
+    host.wait_drained(LONG).await?;
+    let dead = host.dead_letters("jobs").await?;
+    assert!(dead.is_empty(), "the guest got out: {:?}", dead.first().map(|d| &d.headers));
+    assert_eq!(host.outcome_count("probe", "acked").await?, 1);
+    let logs = host.logs();
+    assert!(logs.contains("stdout goes to the host log"), "{logs}");
+    assert!(logs.contains("publish denied"), "{logs}");
+    assert!(!logs.contains('\u{1b}'), "a control character reached the log");
+    assert_eq!(host.terminate()?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn payload_too_large_is_dead_lettered_unseen() -> Result {
+    let setup = Setup::new(&handler("count", "ok", "jobs", "max_payload_bytes = 10\n"))?;
+    let host = setup.start().await?;
+    host.publish("jobs", "this payload is longer than ten bytes", Some("big")).await?;
+    host.wait_for("the dead letter", LONG, || async { Ok(host.dead_letters("jobs").await?.len() == 1) }).await?;
+    let dead = host.dead_letters("jobs").await?;
+    assert_eq!(header(&dead[0].headers, "wharf-dead-letter-reason"), "payload-too-large");
+    assert_eq!(host.terminate()?, 0);
+    assert_eq!(setup.open()?.counter("default", "runs:big"), 0, "the handler never ran");
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigkill_mid_load_then_restart_loses_nothing() -> Result {
+    const MESSAGES: usize = 1500;
+    const CONCURRENCY: usize = 8;
+    let setup = Setup::new(&handler(
+        "count",
+        "ok",
+        "jobs",
+        &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 1000\n[handlers.count.dedup]\nttl_secs = 3600\n"),
+    ))?;
+    let host = setup.start().await?;
+    let mut publishers = tokio::task::JoinSet::new();
+    for chunk in 0..10 {
+        let url = host.url.clone();
+        publishers.spawn(async move {
+            let client = reqwest::Client::new();
+            for i in (chunk..MESSAGES).step_by(10) {
+                let resp = client.post(format!("{url}/v1/publish/jobs?id=m{i}")).body("{}").send().await?;
+                anyhow::ensure!(resp.status().as_u16() == 202);
+            }
+            Ok::<_, anyhow::Error>(())
+        });
+    }
+    while let Some(r) = publishers.join_next().await {
+        r??;
+    }
+    host.wait_for("some progress", LONG, || async { Ok(host.outcome_count("count", "acked").await? >= 200) })
+        .await?;
+    host.kill()?;
+
+    let host = setup.start().await?;
+    // In-flight messages come back when their lease (2 × 1 s + 5 s) expires.
+    host.wait_drained(LONG).await?;
+    assert_eq!(host.terminate()?, 0);
+
+    let db = setup.open()?;
+    assert!(db.stats().is_empty(), "{:?}", db.stats());
+    let mut twice = 0;
+    for i in 0..MESSAGES {
+        let runs = db.counter("default", &format!("runs:m{i}"));
+        assert!(runs >= 1, "message m{i} was lost");
+        if runs > 1 {
+            twice += 1;
+        }
+    }
+    // Only a message whose handler ran but whose dedup mark was not yet
+    // written when the host died can run twice: at most one per slot.
+    assert!(twice <= CONCURRENCY, "{twice} messages ran twice");
+    assert_eq!(wharf::delivery::dedup::count(&db.store, "count")?, MESSAGES);
+    Ok(())
+}
+
+#[tokio::test]
+async fn graceful_shutdown_releases_in_flight_without_counting_the_attempt() -> Result {
+    let setup = Setup::new(&handler(
+        "slow",
+        "slow",
+        "jobs",
+        "concurrency = 4\nconfig = { sleep_ms = \"4000\" }\n",
+    ))?;
+    let text = std::fs::read_to_string(&setup.manifest)?.replace("shutdown_grace_ms = 5000", "shutdown_grace_ms = 300");
+    std::fs::write(&setup.manifest, text)?;
+    let host = setup.start().await?;
+    for i in 0..4 {
+        host.publish("jobs", "{}", Some(&format!("s{i}"))).await?;
+    }
+    host.wait_for("four in flight", LONG, || async {
+        Ok(host.stats().await?.iter().any(|s| s.name == "jobs" && s.pending == 4))
+    })
+    .await?;
+    let started = std::time::Instant::now();
+    assert_eq!(host.terminate()?, 0, "graceful shutdown exits 0");
+    assert!(started.elapsed() < Duration::from_secs(4), "did not wait for the slow handlers");
+    let db = setup.open()?;
+    let again = db.broker.source("jobs").receive(10, Duration::from_secs(60)).await?;
+    assert_eq!(again.len(), 4, "every in-flight message was released");
+    assert!(again.iter().all(|d| d.attempt == 1 && d.redelivered), "{again:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn quickstart_pipeline_runs_end_to_end() -> Result {
+    let guests = guests().display().to_string();
+    let text = std::fs::read_to_string(workspace().join("examples/quickstart/wharf.toml"))?
+        .replace("../../target/quickstart-data", "data")
+        .replace("127.0.0.1:8480", "127.0.0.1:0")
+        .replace("../../target/guests/wasm32-wasip2/guest", &guests)
+        .replace("initial_delay_ms = 200", "initial_delay_ms = 10");
+    let setup = Setup::new("")?;
+    std::fs::write(&setup.manifest, text)?;
+    let host = setup.start().await?;
+    for i in 0..3 {
+        let order = format!(r#"{{"id":"o{i}","customer":"c{i}","items":[{{"sku":"apple","qty":2,"price_cents":50}}]}}"#);
+        host.publish("orders", &order, Some(&format!("o{i}"))).await?;
+    }
+    host.publish("orders", r#"{"id":"empty","customer":"c","items":[]}"#, Some("empty")).await?;
+    host.wait_for("three payments", LONG, || async {
+        Ok(host.outcome_count("charge-payment", "acked").await? == 3)
+    })
+    .await?;
+    host.wait_drained(LONG).await?;
+    let dead = host.dead_letters("orders").await?;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(header(&dead[0].headers, "wharf-dead-letter-error"), "order empty has no items");
+    assert_eq!(host.outcome_count("charge-payment", "retried").await?, 6, "two gateway failures per payment");
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    assert_eq!(db.counter("shop", "payments:charged"), 3);
+    assert_eq!(db.counter("shop", "orders:fulfilled"), 3);
+    assert_eq!(db.counter("shop", "reserved:apple"), 6);
+    assert_eq!(db.counter("shop", "paid:o1"), 100);
+    Ok(())
+}
+
+#[test]
+fn check_accepts_the_quickstart() -> Result {
+    guests();
+    let manifest = workspace().join("examples/quickstart/wharf.toml");
+    let (code, out, err) = wharf(&["check", &manifest.display().to_string()])?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("3 handler(s) ok"), "{out}");
+    Ok(())
+}
+
+/// Bad manifests, each with the exact error `wharf check` must print.
+#[test]
+fn bad_manifests_report_file_line_and_field() -> Result {
+    let ok = program("ok").display().to_string();
+    let dir = tempfile::tempdir()?;
+    let not_a_component = dir.path().join("core.wasm");
+    std::fs::write(&not_a_component, b"\0asm\x01\0\0\0")?;
+    let cases: Vec<(String, String)> = vec![
+        (
+            format!("[handlers.a]\ncomponent = {ok:?}\nsource = {{ subject = \"x\" }}\nconcurency = 2\n"),
+            "wharf.toml:4: handlers.a.concurency: unknown field `concurency`".into(),
+        ),
+        (
+            format!("[handlers.a]\ncomponent = {ok:?}\nsource = {{ subject = \"x\" }}\n\n[handlers.a.dedup]\nttl_secs = 5\n"),
+            "wharf.toml:6: handlers.a.dedup.ttl_secs: dedup TTL 5s is shorter than the retry horizon".into(),
+        ),
+        (
+            format!("[handlers.a]\ncomponent = {ok:?}\ntenant = \"acme\"\nsource = {{ subject = \"x\" }}\n"),
+            "wharf.toml:3: handlers.a.tenant: unknown tenant \"acme\"".into(),
+        ),
+        (
+            format!("[tenants.t]\nmax_memory_mb = 8\n[handlers.a]\ncomponent = {ok:?}\ntenant = \"t\"\nmemory_mb = 64\nsource = {{ subject = \"x\" }}\n"),
+            "wharf.toml:6: handlers.a.memory_mb: 64 exceeds tenant \"t\"'s max_memory_mb 8".into(),
+        ),
+        (
+            format!("[handlers.a]\ncomponent = {ok:?}\nsource = {{ subject = \"x.*\" }}\n"),
+            "wharf.toml:3: handlers.a.source.subject: subject \"x.*\" may not contain wildcards".into(),
+        ),
+        (
+            "[handlers.a]\ncomponent = \"missing.wasm\"\nsource = { subject = \"x\" }\n".into(),
+            "wharf.toml:2: handlers.a.component: no component at".into(),
+        ),
+        (
+            format!("[handlers.a]\ncomponent = {:?}\nsource = {{ subject = \"x\" }}\n", not_a_component.display().to_string()),
+            "FAILED  handler a: loading".into(),
+        ),
+    ];
+    for (i, (text, expected)) in cases.iter().enumerate() {
+        let case = dir.path().join(format!("case{i}"));
+        std::fs::create_dir_all(&case)?;
+        let manifest = case.join("wharf.toml");
+        std::fs::write(&manifest, text)?;
+        let (code, out, err) = wharf(&["check", &manifest.display().to_string()])?;
+        assert_eq!(code, 1, "case {i} should fail: {out}{err}");
+        let shown = format!("{out}{err}");
+        let want = expected.replace("wharf.toml:", &format!("{}:", manifest.display()));
+        assert!(shown.contains(&want), "case {i}: expected {want:?} in:\n{shown}");
+    }
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! Succeeds. Counts its runs per message id in the key-value store
+//! (`runs:<id>`) and, when `config.forward_to` is set, publishes the payload
+//! there.
+use wharf_sdk::{Handler, HandlerError, Message, config, export_handler, kv, publish};
+
+struct Succeed;
+
+impl Handler for Succeed {
+    fn handle(msg: Message) -> Result<(), HandlerError> {
+        kv::increment(&format!("runs:{}", msg.id), 1)?;
+        if let Some(to) = config("forward_to") {
+            publish(&to, &msg.payload, &[])?;
+        }
+        Ok(())
+    }
+}
+
+export_handler!(Succeed);
+
+fn main() {}
