@@ -92,7 +92,7 @@ macro_rules! export_handler {
                     <$handler as $crate::Handler>::handle(msg)
                 }
             }
-            $crate::wit::__export_handler_world!(__WharfExport with_types_in $crate::wit);
+    $crate::wit::__export_handler_world!(__WharfExport with_types_in $crate::wit);
         };
     };
 }
@@ -138,8 +138,7 @@ impl Message {
     /// Decode the payload as JSON. A payload that does not decode is a
     /// permanent failure, so the error is a [`reject`].
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
-        serde_json::from_slice(&self.payload)
-            .map_err(|e| reject(format!("payload is not the expected JSON: {e}")))
+        serde_json::from_slice(&self.payload).map_err(|e| reject(format!("payload is not the expected JSON: {e}")))
     }
 
     /// The payload as UTF-8 text, or a [`reject`].
@@ -149,10 +148,7 @@ impl Message {
 
     /// The first header named `name` (case-sensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
     }
 }
 
@@ -165,8 +161,8 @@ pub fn publish(subject: &str, payload: &[u8], headers: &[(String, String)]) -> R
 /// Serialise `value` as JSON and queue it for `subject`, with the header
 /// `content-type: application/json`.
 pub fn publish_json<T: Serialize + ?Sized>(subject: &str, value: &T) -> Result<(), PublishError> {
-    let payload = serde_json::to_vec(value)
-        .map_err(|e| PublishError::TooLarge(format!("could not encode JSON: {e}")))?;
+    let payload =
+        serde_json::to_vec(value).map_err(|e| PublishError::TooLarge(format!("could not encode JSON: {e}")))?;
     publish(
         subject,
         &payload,

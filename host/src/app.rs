@@ -118,7 +118,14 @@ impl App {
                     .and_then(|r| delivery::rate_limiter(r.messages, Duration::from_millis(r.per_ms))),
             }));
         }
-        Ok(Arc::new(Self { manifest, store, broker, runtime, registry, ready: AtomicBool::new(false) }))
+        Ok(Arc::new(Self {
+            manifest,
+            store,
+            broker,
+            runtime,
+            registry,
+            ready: AtomicBool::new(false),
+        }))
     }
 
     /// Serve HTTP and consume until `shutdown.stop`, then drain: wait up to
@@ -134,7 +141,11 @@ impl App {
 
         let mut consumers = JoinSet::new();
         for binding in self.registry.iter() {
-            consumers.spawn(delivery::run_binding(binding.clone(), self.runtime.clone(), shutdown.clone()));
+            consumers.spawn(delivery::run_binding(
+                binding.clone(),
+                self.runtime.clone(),
+                shutdown.clone(),
+            ));
         }
         let sweeper = tokio::spawn(sweep(self.store.clone()));
         self.ready.store(true, Ordering::SeqCst);
@@ -143,7 +154,10 @@ impl App {
         shutdown.stop.cancelled().await;
         self.ready.store(false, Ordering::SeqCst);
         let grace = Duration::from_millis(self.manifest.host.shutdown_grace_ms);
-        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: finishing in-flight messages");
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            "shutting down: finishing in-flight messages"
+        );
         let drained = tokio::time::timeout(grace, async { while consumers.join_next().await.is_some() {} }).await;
         if drained.is_err() {
             tracing::warn!("grace period over: releasing the messages still in flight for redelivery");

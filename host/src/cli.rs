@@ -107,15 +107,28 @@ pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Run { manifest } => run_host(&manifest),
         Command::Check { manifest } => check(&manifest),
-        Command::Publish { target, subject, payload, id, headers, delay_ms, content_type } => {
-            publish(&target, &subject, &payload, id, &headers, delay_ms, content_type)
-        }
-        Command::Dlq { command: DlqCommand::List { target, queue } } => {
-            remote(&target, reqwest::Method::GET, &format!("/v1/dlq/{queue}"), &[])
-        }
-        Command::Dlq { command: DlqCommand::Replay { target, queue, id } } => {
+        Command::Publish {
+            target,
+            subject,
+            payload,
+            id,
+            headers,
+            delay_ms,
+            content_type,
+        } => publish(&target, &subject, &payload, id, &headers, delay_ms, content_type),
+        Command::Dlq {
+            command: DlqCommand::List { target, queue },
+        } => remote(&target, reqwest::Method::GET, &format!("/v1/dlq/{queue}"), &[]),
+        Command::Dlq {
+            command: DlqCommand::Replay { target, queue, id },
+        } => {
             let query: Vec<(&str, String)> = id.into_iter().map(|id| ("id", id)).collect();
-            remote(&target, reqwest::Method::POST, &format!("/v1/dlq/{queue}/replay"), &query)
+            remote(
+                &target,
+                reqwest::Method::POST,
+                &format!("/v1/dlq/{queue}/replay"),
+                &query,
+            )
         }
         Command::Queues { target } => remote(&target, reqwest::Method::GET, "/v1/queues", &[]),
     };
@@ -133,7 +146,10 @@ fn load_manifest(path: &Path) -> Result<Manifest> {
 }
 
 fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting tokio")
 }
 
 fn run_host(path: &Path) -> Result<()> {
@@ -204,7 +220,10 @@ fn base_url(target: &Target) -> Result<String> {
 
 fn send(request: reqwest::RequestBuilder) -> Result<()> {
     tokio_runtime()?.block_on(async {
-        let response = request.send().await.context("cannot reach the wharf host (is it running?)")?;
+        let response = request
+            .send()
+            .await
+            .context("cannot reach the wharf host (is it running?)")?;
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
         if !status.is_success() {
@@ -253,7 +272,9 @@ fn publish(
         request = request.header(reqwest::header::CONTENT_TYPE, ct);
     }
     for h in headers {
-        let Some((k, v)) = h.split_once('=') else { bail!("--header {h:?}: expected key=value") };
+        let Some((k, v)) = h.split_once('=') else {
+            bail!("--header {h:?}: expected key=value")
+        };
         request = request.header(format!("{HEADER_PREFIX}{k}"), v);
     }
     send(request)

@@ -76,12 +76,19 @@ fn encode(value: &[u8], expires_ms: u64) -> Vec<u8> {
 impl Kv {
     /// The store as seen by `tenant`.
     pub fn new(store: Store, tenant: &str, quota: KvQuota) -> Self {
-        Self { store, tenant: tenant.to_string(), quota }
+        Self {
+            store,
+            tenant: tenant.to_string(),
+            quota,
+        }
     }
 
     fn check_key(key: &str) -> Result<(), KvError> {
         if key.len() > MAX_KEY_BYTES {
-            return Err(KvError::QuotaExceeded(format!("key is {} bytes; the limit is {MAX_KEY_BYTES}", key.len())));
+            return Err(KvError::QuotaExceeded(format!(
+                "key is {} bytes; the limit is {MAX_KEY_BYTES}",
+                key.len()
+            )));
         }
         Ok(())
     }
@@ -92,7 +99,8 @@ impl Kv {
         Ok(self.store.read(|txn| {
             let t = txn.open_table(KV)?;
             let now = now_ms();
-            Ok(t.get((self.tenant.as_str(), key))?.and_then(|v| decode(v.value(), now).map(<[u8]>::to_vec)))
+            Ok(t.get((self.tenant.as_str(), key))?
+                .and_then(|v| decode(v.value(), now).map(<[u8]>::to_vec)))
         })?)
     }
 
@@ -155,7 +163,9 @@ impl Kv {
     pub async fn delete(&self, key: &str) -> Result<bool, KvError> {
         Self::check_key(key)?;
         let (tenant, key, max) = (self.tenant.clone(), key.to_string(), self.quota.max_keys);
-        self.store.write(move |txn| Self::put(txn, &tenant, &key, None, 0, max)).await?
+        self.store
+            .write(move |txn| Self::put(txn, &tenant, &key, None, 0, max))
+            .await?
     }
 
     /// Add `delta` to the integer under `key` (absent counts as 0); atomic,
@@ -185,7 +195,9 @@ impl Kv {
                     }
                 };
                 let Some(next) = current.checked_add(delta) else {
-                    return Ok(Err(KvError::NotANumber(format!("{key:?}: {current} + {delta} overflows"))));
+                    return Ok(Err(KvError::NotANumber(format!(
+                        "{key:?}: {current} + {delta} overflows"
+                    ))));
                 };
                 match Self::put(txn, &tenant, &key, Some(next.to_string().as_bytes()), expires, max)? {
                     Ok(_) => Ok(Ok(next)),
@@ -233,7 +245,10 @@ mod tests {
     async fn tenants_are_isolated_and_quotas_hold() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let store = crate::store::open_all(&dir.path().join("db"))?;
-        let quota = KvQuota { max_keys: 2, max_value_bytes: 4 };
+        let quota = KvQuota {
+            max_keys: 2,
+            max_value_bytes: 4,
+        };
         let a = Kv::new(store.clone(), "a", quota);
         let b = Kv::new(store.clone(), "b", quota);
         a.set("k", b"1".to_vec(), None).await?;
@@ -241,8 +256,14 @@ mod tests {
         assert_eq!(a.increment("k", 41).await?, 42);
         assert_eq!(a.get("k")?, Some(b"42".to_vec()));
         a.set("j", b"x".to_vec(), None).await?;
-        assert!(matches!(a.set("third", b"x".to_vec(), None).await, Err(KvError::QuotaExceeded(_))));
-        assert!(matches!(a.set("k", b"12345".to_vec(), None).await, Err(KvError::QuotaExceeded(_))));
+        assert!(matches!(
+            a.set("third", b"x".to_vec(), None).await,
+            Err(KvError::QuotaExceeded(_))
+        ));
+        assert!(matches!(
+            a.set("k", b"12345".to_vec(), None).await,
+            Err(KvError::QuotaExceeded(_))
+        ));
         assert!(matches!(a.increment("j", 1).await, Err(KvError::NotANumber(_))));
         assert!(a.delete("j").await?);
         a.set("third", b"x".to_vec(), None).await?;

@@ -44,7 +44,10 @@ struct Ctx {
 
 /// Serve until `stop`.
 pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>, stop: CancellationToken) {
-    let ctx = Ctx { app, metrics: crate::telemetry::prometheus() };
+    let ctx = Ctx {
+        app,
+        metrics: crate::telemetry::prometheus(),
+    };
     let router = Router::new()
         .route("/v1/publish/{subject}", post(publish))
         .route("/v1/queues", get(queues))
@@ -54,7 +57,10 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>, stop: Cance
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(ctx);
-    if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
+    if let Err(e) = axum::serve(listener, router)
+        .with_graceful_shutdown(stop.cancelled_owned())
+        .await
+    {
         tracing::error!(error = %e, "HTTP server failed");
     }
 }
@@ -105,7 +111,11 @@ async fn publish(
         delay: Duration::from_millis(q.delay_ms.unwrap_or(0)),
     };
     match ctx.app.broker.publish(vec![message]).await {
-        Ok(ids) => (StatusCode::ACCEPTED, Json(json!({ "id": ids.first(), "subject": subject }))).into_response(),
+        Ok(ids) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "id": ids.first(), "subject": subject })),
+        )
+            .into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
     }
 }

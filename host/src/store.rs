@@ -39,7 +39,10 @@ impl Store {
             std::fs::create_dir_all(dir).with_context(|| format!("creating data folder {}", dir.display()))?;
         }
         let db = Database::create(path).with_context(|| {
-            format!("opening {} (is another wharf running on this data folder?)", path.display())
+            format!(
+                "opening {} (is another wharf running on this data folder?)",
+                path.display()
+            )
         })?;
         let txn = db.begin_write()?;
         init(&txn)?;
@@ -71,7 +74,9 @@ impl Store {
                 });
             })
         });
-        self.jobs.send(job).map_err(|_| anyhow!("the store writer has stopped"))?;
+        self.jobs
+            .send(job)
+            .map_err(|_| anyhow!("the store writer has stopped"))?;
         rx.await.map_err(|_| anyhow!("the store writer dropped a write"))?
     }
 
@@ -114,7 +119,10 @@ fn writer(db: Arc<Database>, mut rx: mpsc::UnboundedReceiver<Job>) {
 
 /// Milliseconds since the Unix epoch, by the host's clock.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// Open the database at `path` with every table wharf keeps in it.

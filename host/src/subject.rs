@@ -26,7 +26,9 @@ impl SubjectPattern {
                 return Err(format!("pattern {pattern:?}: `*` and `>` must stand alone as a token"));
             }
             if t.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                return Err(format!("pattern {pattern:?} contains whitespace or a control character"));
+                return Err(format!(
+                    "pattern {pattern:?} contains whitespace or a control character"
+                ));
             }
         }
         Ok(Self { tokens })
@@ -67,7 +69,11 @@ pub struct Grants(Vec<SubjectPattern>);
 impl Grants {
     /// Parse every pattern (already validated by the manifest).
     pub fn new(patterns: &[String]) -> Result<Self, String> {
-        patterns.iter().map(|p| SubjectPattern::parse(p)).collect::<Result<_, _>>().map(Self)
+        patterns
+            .iter()
+            .map(|p| SubjectPattern::parse(p))
+            .collect::<Result<_, _>>()
+            .map(Self)
     }
 
     /// Whether `subject` is covered by any grant.

@@ -32,7 +32,10 @@ impl Tenant {
             name: name.to_string(),
             permits: Arc::new(Semaphore::new(cfg.max_concurrency as usize)),
             grants: Grants::new(&cfg.publish)?,
-            kv_quota: KvQuota { max_keys: cfg.kv_max_keys, max_value_bytes: cfg.kv_max_value_bytes },
+            kv_quota: KvQuota {
+                max_keys: cfg.kv_max_keys,
+                max_value_bytes: cfg.kv_max_value_bytes,
+            },
         })
     }
 }

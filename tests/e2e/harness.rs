@@ -16,7 +16,10 @@ pub type Result<T = ()> = anyhow::Result<T>;
 
 /// The workspace root.
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("host/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("host/ has a parent")
+        .to_path_buf()
 }
 
 /// Build the guest crates once per test process and return the folder holding
@@ -62,9 +65,8 @@ impl Setup {
     pub fn new(handlers: &str) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let manifest = dir.path().join("wharf.toml");
-        let text = format!(
-            "[host]\ndata_dir = \"data\"\nhttp = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n\n{handlers}"
-        );
+        let text =
+            format!("[host]\ndata_dir = \"data\"\nhttp = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n\n{handlers}");
         std::fs::write(&manifest, text)?;
         Ok(Self { dir, manifest })
     }
@@ -94,7 +96,14 @@ pub struct Offline {
 impl Offline {
     /// Integer under `key` in `tenant`'s key-value store (0 when absent).
     pub fn counter(&self, tenant: &str, key: &str) -> i64 {
-        let kv = Kv::new(self.store.clone(), tenant, KvQuota { max_keys: u64::MAX, max_value_bytes: u64::MAX });
+        let kv = Kv::new(
+            self.store.clone(),
+            tenant,
+            KvQuota {
+                max_keys: u64::MAX,
+                max_value_bytes: u64::MAX,
+            },
+        );
         kv.get(key)
             .expect("kv readable")
             .map(|v| String::from_utf8_lossy(&v).parse().expect("a number"))
@@ -118,7 +127,12 @@ impl Host {
     pub async fn start(manifest: &Path, data_dir: &Path) -> Result<Self> {
         let _ = std::fs::remove_file(data_dir.join(wharf::app::HTTP_ADDR_FILE));
         std::fs::create_dir_all(data_dir)?;
-        let log = data_dir.join(format!("host-{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos()));
+        let log = data_dir.join(format!(
+            "host-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_nanos()
+        ));
         let child = Command::new(env!("CARGO_BIN_EXE_wharf"))
             .arg("run")
             .arg(manifest)
@@ -127,7 +141,12 @@ impl Host {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)
             .spawn()?;
-        let mut host = Self { child, url: String::new(), log, client: reqwest::Client::new() };
+        let mut host = Self {
+            child,
+            url: String::new(),
+            log,
+            client: reqwest::Client::new(),
+        };
         let addr_file = data_dir.join(wharf::app::HTTP_ADDR_FILE);
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -153,7 +172,10 @@ impl Host {
 
     /// Publish through the HTTP API; returns the id.
     pub async fn publish(&self, subject: &str, payload: &str, id: Option<&str>) -> Result<String> {
-        let mut req = self.client.post(format!("{}/v1/publish/{subject}", self.url)).body(payload.to_string());
+        let mut req = self
+            .client
+            .post(format!("{}/v1/publish/{subject}", self.url))
+            .body(payload.to_string());
         if let Some(id) = id {
             req = req.query(&[("id", id)]);
         }
@@ -164,15 +186,33 @@ impl Host {
     }
 
     pub async fn stats(&self) -> Result<Vec<QueueStats>> {
-        Ok(self.client.get(format!("{}/v1/queues", self.url)).send().await?.json().await?)
+        Ok(self
+            .client
+            .get(format!("{}/v1/queues", self.url))
+            .send()
+            .await?
+            .json()
+            .await?)
     }
 
     pub async fn dead_letters(&self, queue: &str) -> Result<Vec<DeadLetterEntry>> {
-        Ok(self.client.get(format!("{}/v1/dlq/{queue}", self.url)).send().await?.json().await?)
+        Ok(self
+            .client
+            .get(format!("{}/v1/dlq/{queue}", self.url))
+            .send()
+            .await?
+            .json()
+            .await?)
     }
 
     pub async fn metrics(&self) -> Result<String> {
-        Ok(self.client.get(format!("{}/metrics", self.url)).send().await?.text().await?)
+        Ok(self
+            .client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await?
+            .text()
+            .await?)
     }
 
     /// The value of counter `wharf_messages_total{handler,outcome}` (0 if absent).
@@ -194,7 +234,11 @@ impl Host {
             if stats.iter().all(|s| s.ready == 0 && s.pending == 0) {
                 return Ok(stats);
             }
-            anyhow::ensure!(Instant::now() < deadline, "not drained in {timeout:?}: {stats:?}\n{}", self.logs());
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "not drained in {timeout:?}: {stats:?}\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -207,7 +251,11 @@ impl Host {
     {
         let deadline = Instant::now() + timeout;
         while !cond().await? {
-            anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}\n{}", self.logs());
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}\n{}",
+                self.logs()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Ok(())
@@ -238,7 +286,10 @@ impl Drop for Host {
 
 /// Run `wharf <args>` to completion: (exit code, stdout, stderr).
 pub fn wharf(args: &[&str]) -> Result<(i32, String, String)> {
-    let out = Command::new(env!("CARGO_BIN_EXE_wharf")).args(args).stdin(Stdio::null()).output()?;
+    let out = Command::new(env!("CARGO_BIN_EXE_wharf"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()?;
     Ok((
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

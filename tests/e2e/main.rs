@@ -11,7 +11,11 @@ use harness::*;
 const LONG: Duration = Duration::from_secs(90);
 
 fn header<'a>(headers: &'a [(String, String)], key: &str) -> &'a str {
-    headers.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str()).unwrap_or("")
+    headers
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("")
 }
 
 /// Every program in tests/programs/src/bin must be run by some test here.
@@ -20,7 +24,13 @@ fn every_test_program_is_used() {
     let sources = include_str!("main.rs");
     let bin = workspace().join("tests/programs/src/bin");
     for entry in std::fs::read_dir(&bin).expect("programs folder") {
-        let name = entry.expect("entry").path().file_stem().expect("stem").to_string_lossy().into_owned();
+        let name = entry
+            .expect("entry")
+            .path()
+            .file_stem()
+            .expect("stem")
+            .to_string_lossy()
+            .into_owned();
         assert!(
             sources.contains(&format!("\"{name}\"")),
             "test program {name} is not used by any test in tests/e2e/main.rs"
@@ -60,8 +70,10 @@ async fn retry_then_success_counts_attempts() -> Result {
     ))?;
     let host = setup.start().await?;
     host.publish("jobs", "{}", Some("f1")).await?;
-    host.wait_for("the success", LONG, || async { Ok(host.outcome_count("flaky", "acked").await? == 1) })
-        .await?;
+    host.wait_for("the success", LONG, || async {
+        Ok(host.outcome_count("flaky", "acked").await? == 1)
+    })
+    .await?;
     assert_eq!(host.outcome_count("flaky", "retried").await?, 2);
     assert!(host.dead_letters("jobs").await?.is_empty());
     assert_eq!(host.terminate()?, 0);
@@ -81,8 +93,10 @@ async fn retries_exhausted_dead_letter_with_the_last_reason() -> Result {
     ))?;
     let host = setup.start().await?;
     host.publish("jobs", "{}", Some("never")).await?;
-    host.wait_for("the dead letter", LONG, || async { Ok(host.dead_letters("jobs.failed").await?.len() == 1) })
-        .await?;
+    host.wait_for("the dead letter", LONG, || async {
+        Ok(host.dead_letters("jobs.failed").await?.len() == 1)
+    })
+    .await?;
     let dead = host.dead_letters("jobs.failed").await?;
     let h = &dead[0].headers;
     assert_eq!(header(h, "wharf-dead-letter-reason"), "retry");
@@ -100,8 +114,12 @@ async fn reject_dead_letters_at_once_and_replay_returns_it() -> Result {
     host.publish("input", "not json", Some("garbage")).await?;
     host.publish("input", r#"{"valid": true}"#, Some("good")).await?;
     host.wait_drained(LONG).await?;
-    let dead: BTreeMap<String, _> =
-        host.dead_letters("input").await?.into_iter().map(|d| (d.id.clone(), d)).collect();
+    let dead: BTreeMap<String, _> = host
+        .dead_letters("input")
+        .await?
+        .into_iter()
+        .map(|d| (d.id.clone(), d))
+        .collect();
     assert_eq!(dead.keys().collect::<Vec<_>>(), ["bad", "garbage"]);
     for d in dead.values() {
         assert_eq!(header(&d.headers, "wharf-dead-letter-reason"), "rejected");
@@ -110,7 +128,10 @@ async fn reject_dead_letters_at_once_and_replay_returns_it() -> Result {
         assert_eq!(header(&d.headers, "wharf-dead-letter-subject"), "input");
         assert!(header(&d.headers, "wharf-dead-letter-first-seen-ms").parse::<u64>()? > 0);
     }
-    assert_eq!(header(&dead["bad"].headers, "wharf-dead-letter-error"), "input is marked invalid");
+    assert_eq!(
+        header(&dead["bad"].headers, "wharf-dead-letter-error"),
+        "input is marked invalid"
+    );
     assert!(header(&dead["garbage"].headers, "wharf-dead-letter-error").contains("not the expected JSON"));
     assert!(host.logs().contains("message dead-lettered"), "the failure is logged");
 
@@ -155,7 +176,7 @@ async fn infinite_loop_is_stopped_by_the_deadline_and_others_keep_running() -> R
     let dead = host.dead_letters("spin").await?;
     assert_eq!(header(&dead[0].headers, "wharf-dead-letter-reason"), "timeout");
     assert_eq!(header(&dead[0].headers, "wharf-dead-letter-attempts"), "2");
-    assert!(header(&dead[0].headers, "wharf-dead-letter-error").contains("budget of 300 ms exhausted"));
+    assert!(header(&dead[0].headers, "wharf-dead-letter-error").contains("CPU budget of 300 ms exhausted"));
     host.wait_drained(LONG).await?;
     assert_eq!(host.outcome_count("count", "acked").await?, 5);
     assert_eq!(host.terminate()?, 0);
@@ -172,14 +193,19 @@ async fn memory_bomb_is_stopped_by_the_cap() -> Result {
     ))?;
     let host = setup.start().await?;
     host.publish("bomb", "{}", Some("b1")).await?;
-    host.wait_for("the dead letter", LONG, || async { Ok(host.dead_letters("bomb").await?.len() == 1) }).await?;
+    host.wait_for("the dead letter", LONG, || async {
+        Ok(host.dead_letters("bomb").await?.len() == 1)
+    })
+    .await?;
     let dead = host.dead_letters("bomb").await?;
     assert_eq!(header(&dead[0].headers, "wharf-dead-letter-reason"), "memory");
     assert!(header(&dead[0].headers, "wharf-dead-letter-error").contains("cap of 16 MiB"));
     // The host is fine and serves on.
     host.publish("bomb", "{}", Some("b2")).await?;
-    host.wait_for("the second dead letter", LONG, || async { Ok(host.dead_letters("bomb").await?.len() == 2) })
-        .await?;
+    host.wait_for("the second dead letter", LONG, || async {
+        Ok(host.dead_letters("bomb").await?.len() == 2)
+    })
+    .await?;
     assert_eq!(host.terminate()?, 0);
     Ok(())
 }
@@ -194,19 +220,31 @@ async fn trap_is_a_retried_failure_then_dead_letter() -> Result {
     ))?;
     let host = setup.start().await?;
     host.publish("jobs", "{}", Some("t1")).await?;
-    host.wait_for("the dead letter", LONG, || async { Ok(host.dead_letters("jobs").await?.len() == 1) }).await?;
+    host.wait_for("the dead letter", LONG, || async {
+        Ok(host.dead_letters("jobs").await?.len() == 1)
+    })
+    .await?;
     let dead = host.dead_letters("jobs").await?;
     assert_eq!(header(&dead[0].headers, "wharf-dead-letter-reason"), "trap");
     assert_eq!(header(&dead[0].headers, "wharf-dead-letter-attempts"), "2");
     // The guest's panic message reached the host log, tagged with the handler.
-    assert!(host.logs().contains("deliberate panic on message t1"), "{}", host.logs());
+    assert!(
+        host.logs().contains("deliberate panic on message t1"),
+        "{}",
+        host.logs()
+    );
     assert_eq!(host.terminate()?, 0);
     Ok(())
 }
 
 #[tokio::test]
 async fn repeated_id_is_deduplicated() -> Result {
-    let setup = Setup::new(&handler("count", "ok", "jobs", "[handlers.count.dedup]\nttl_secs = 3600\n"))?;
+    let setup = Setup::new(&handler(
+        "count",
+        "ok",
+        "jobs",
+        "[handlers.count.dedup]\nttl_secs = 3600\n",
+    ))?;
     let host = setup.start().await?;
     for _ in 0..3 {
         host.publish("jobs", "{}", Some("same")).await?;
@@ -234,16 +272,26 @@ async fn outbox_is_discarded_on_failure_and_released_on_success() -> Result {
     ))?;
     let host = setup.start().await?;
     host.publish("jobs", "{}", Some("o1")).await?;
-    host.wait_for("the success", LONG, || async { Ok(host.outcome_count("fanout", "acked").await? == 1) })
-        .await?;
+    host.wait_for("the success", LONG, || async {
+        Ok(host.outcome_count("fanout", "acked").await? == 1)
+    })
+    .await?;
     assert_eq!(host.terminate()?, 0);
     let db = setup.open()?;
     let out = db.broker.source("out").receive(10, Duration::from_secs(60)).await?;
-    let mut seen: Vec<(String, String)> =
-        out.iter().map(|d| (d.id.clone(), header(&d.headers, "attempt").to_string())).collect();
+    let mut seen: Vec<(String, String)> = out
+        .iter()
+        .map(|d| (d.id.clone(), header(&d.headers, "attempt").to_string()))
+        .collect();
     seen.sort();
     // Only the second attempt's two publishes, with ids derived from the source id.
-    assert_eq!(seen, [("o1/0".to_string(), "2".to_string()), ("o1/1".to_string(), "2".to_string())]);
+    assert_eq!(
+        seen,
+        [
+            ("o1/0".to_string(), "2".to_string()),
+            ("o1/1".to_string(), "2".to_string())
+        ]
+    );
     Ok(())
 }
 
@@ -254,7 +302,11 @@ async fn sandbox_denies_files_env_network_and_ungranted_publish() -> Result {
     host.publish("jobs", "{}", Some("s1")).await?;
     host.wait_drained(LONG).await?;
     let dead = host.dead_letters("jobs").await?;
-    assert!(dead.is_empty(), "the guest got out: {:?}", dead.first().map(|d| &d.headers));
+    assert!(
+        dead.is_empty(),
+        "the guest got out: {:?}",
+        dead.first().map(|d| &d.headers)
+    );
     assert_eq!(host.outcome_count("probe", "acked").await?, 1);
     let logs = host.logs();
     assert!(logs.contains("stdout goes to the host log"), "{logs}");
@@ -268,10 +320,17 @@ async fn sandbox_denies_files_env_network_and_ungranted_publish() -> Result {
 async fn payload_too_large_is_dead_lettered_unseen() -> Result {
     let setup = Setup::new(&handler("count", "ok", "jobs", "max_payload_bytes = 10\n"))?;
     let host = setup.start().await?;
-    host.publish("jobs", "this payload is longer than ten bytes", Some("big")).await?;
-    host.wait_for("the dead letter", LONG, || async { Ok(host.dead_letters("jobs").await?.len() == 1) }).await?;
+    host.publish("jobs", "this payload is longer than ten bytes", Some("big"))
+        .await?;
+    host.wait_for("the dead letter", LONG, || async {
+        Ok(host.dead_letters("jobs").await?.len() == 1)
+    })
+    .await?;
     let dead = host.dead_letters("jobs").await?;
-    assert_eq!(header(&dead[0].headers, "wharf-dead-letter-reason"), "payload-too-large");
+    assert_eq!(
+        header(&dead[0].headers, "wharf-dead-letter-reason"),
+        "payload-too-large"
+    );
     assert_eq!(host.terminate()?, 0);
     assert_eq!(setup.open()?.counter("default", "runs:big"), 0, "the handler never ran");
     Ok(())
@@ -294,7 +353,11 @@ async fn sigkill_mid_load_then_restart_loses_nothing() -> Result {
         publishers.spawn(async move {
             let client = reqwest::Client::new();
             for i in (chunk..MESSAGES).step_by(10) {
-                let resp = client.post(format!("{url}/v1/publish/jobs?id=m{i}")).body("{}").send().await?;
+                let resp = client
+                    .post(format!("{url}/v1/publish/jobs?id=m{i}"))
+                    .body("{}")
+                    .send()
+                    .await?;
                 anyhow::ensure!(resp.status().as_u16() == 202);
             }
             Ok::<_, anyhow::Error>(())
@@ -303,9 +366,16 @@ async fn sigkill_mid_load_then_restart_loses_nothing() -> Result {
     while let Some(r) = publishers.join_next().await {
         r??;
     }
-    host.wait_for("some progress", LONG, || async { Ok(host.outcome_count("count", "acked").await? >= 200) })
-        .await?;
+    host.wait_for("some progress", LONG, || async {
+        Ok(host.outcome_count("count", "acked").await? >= 200)
+    })
+    .await?;
     host.kill()?;
+    let left: u64 = setup.open()?.stats().iter().map(|s| s.ready + s.pending).sum();
+    assert!(
+        left > 0,
+        "the host finished everything before it was killed; the test proves nothing"
+    );
 
     let host = setup.start().await?;
     // In-flight messages come back when their lease (2 × 1 s + 5 s) expires.
@@ -349,7 +419,10 @@ async fn graceful_shutdown_releases_in_flight_without_counting_the_attempt() -> 
     .await?;
     let started = std::time::Instant::now();
     assert_eq!(host.terminate()?, 0, "graceful shutdown exits 0");
-    assert!(started.elapsed() < Duration::from_secs(4), "did not wait for the slow handlers");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "did not wait for the slow handlers"
+    );
     let db = setup.open()?;
     let again = db.broker.source("jobs").receive(10, Duration::from_secs(60)).await?;
     assert_eq!(again.len(), 4, "every in-flight message was released");
@@ -369,10 +442,12 @@ async fn quickstart_pipeline_runs_end_to_end() -> Result {
     std::fs::write(&setup.manifest, text)?;
     let host = setup.start().await?;
     for i in 0..3 {
-        let order = format!(r#"{{"id":"o{i}","customer":"c{i}","items":[{{"sku":"apple","qty":2,"price_cents":50}}]}}"#);
+        let order =
+            format!(r#"{{"id":"o{i}","customer":"c{i}","items":[{{"sku":"apple","qty":2,"price_cents":50}}]}}"#);
         host.publish("orders", &order, Some(&format!("o{i}"))).await?;
     }
-    host.publish("orders", r#"{"id":"empty","customer":"c","items":[]}"#, Some("empty")).await?;
+    host.publish("orders", r#"{"id":"empty","customer":"c","items":[]}"#, Some("empty"))
+        .await?;
     host.wait_for("three payments", LONG, || async {
         Ok(host.outcome_count("charge-payment", "acked").await? == 3)
     })
@@ -380,8 +455,15 @@ async fn quickstart_pipeline_runs_end_to_end() -> Result {
     host.wait_drained(LONG).await?;
     let dead = host.dead_letters("orders").await?;
     assert_eq!(dead.len(), 1);
-    assert_eq!(header(&dead[0].headers, "wharf-dead-letter-error"), "order empty has no items");
-    assert_eq!(host.outcome_count("charge-payment", "retried").await?, 6, "two gateway failures per payment");
+    assert_eq!(
+        header(&dead[0].headers, "wharf-dead-letter-error"),
+        "order empty has no items"
+    );
+    assert_eq!(
+        host.outcome_count("charge-payment", "retried").await?,
+        6,
+        "two gateway failures per payment"
+    );
     assert_eq!(host.terminate()?, 0);
     let db = setup.open()?;
     assert_eq!(db.counter("shop", "payments:charged"), 3);
@@ -435,7 +517,11 @@ fn bad_manifests_report_file_line_and_field() -> Result {
         ),
         (
             format!("[handlers.a]\ncomponent = {:?}\nsource = {{ subject = \"x\" }}\n", not_a_component.display().to_string()),
-            "FAILED  handler a: loading".into(),
+            "is not a valid WebAssembly component: failed to parse WebAssembly module: attempted to parse a wasm module with a component parser".into(),
+        ),
+        (
+            format!("[handlers.a]\ncomponent = {:?}\nsource = {{ subject = \"x\" }}\n", program("no_handler").display().to_string()),
+            "does not export `wharf:handler/handler@0.1.0` with `handle`".into(),
         ),
     ];
     for (i, (text, expected)) in cases.iter().enumerate() {
@@ -449,5 +535,62 @@ fn bad_manifests_report_file_line_and_field() -> Result {
         let want = expected.replace("wharf.toml:", &format!("{}:", manifest.display()));
         assert!(shown.contains(&want), "case {i}: expected {want:?} in:\n{shown}");
     }
+    Ok(())
+}
+
+/// The fenced block of `lang` in the README that contains `marker`.
+fn readme_block(lang: &str, marker: &str) -> String {
+    let readme = std::fs::read_to_string(workspace().join("README.md")).expect("README.md");
+    readme
+        .split(&format!("```{lang}\n"))
+        .skip(1)
+        .filter_map(|rest| rest.split_once("```").map(|(block, _)| block.to_string()))
+        .find(|block| block.contains(marker))
+        .unwrap_or_else(|| panic!("no ```{lang} block containing {marker:?} in README.md"))
+}
+
+#[test]
+fn readme_wit_listing_matches_the_wit_file() {
+    let strip = |text: &str| -> Vec<String> {
+        text.lines()
+            .map(str::trim_end)
+            .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with("///"))
+            .map(str::to_string)
+            .collect()
+    };
+    let wit = std::fs::read_to_string(workspace().join("wit/handler.wit")).expect("wit file");
+    assert_eq!(strip(&readme_block("wit", "package wharf:handler")), strip(&wit));
+}
+
+#[test]
+fn readme_manifest_reference_parses_with_every_field() -> Result {
+    let text = readme_block("toml", "[handlers.validate.rate_limit]").replace(
+        "\"validator.wasm\"",
+        &format!("{:?}", program("ok").display().to_string()),
+    );
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("wharf.toml");
+    let m = wharf::manifest::Manifest::parse(&path, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let h = &m.handlers["validate"];
+    assert_eq!((h.concurrency, h.timeout_ms, h.memory_mb), (8, 5000, 64));
+    assert!(h.dedup.is_some() && h.rate_limit.is_some());
+    assert_eq!(m.tenants["acme"].publish, [">"]);
+    Ok(())
+}
+
+#[test]
+fn readme_example_error_is_what_wharf_prints() -> Result {
+    guests();
+    let path = workspace().join("examples/quickstart/wharf.toml");
+    let text = std::fs::read_to_string(&path)?.replacen("ttl_secs = 86400", "ttl_secs = 60", 1);
+    let errors = wharf::manifest::Manifest::parse(&path, &text).expect_err("a 60 s TTL is too short");
+    let readme = std::fs::read_to_string(workspace().join("README.md"))?;
+    let first = errors.0[0]
+        .to_string()
+        .replace(&format!("{}/", workspace().display()), "");
+    assert!(
+        readme.contains(&first),
+        "README.md should show the error as printed:\n{first}"
+    );
     Ok(())
 }

@@ -18,10 +18,16 @@ impl Handler for Charge {
         let payment: PaymentRequest = msg.json()?;
         let failures: u32 = config("failures").and_then(|v| v.parse().ok()).unwrap_or(2);
         if msg.attempt <= failures {
-            log::warn(&format!("gateway unavailable for order {} (attempt {})", payment.order_id, msg.attempt));
+            log::warn(&format!(
+                "gateway unavailable for order {} (attempt {})",
+                payment.order_id, msg.attempt
+            ));
             return Err(retry("payment gateway unavailable"));
         }
-        kv::set(&format!("paid:{}", payment.order_id), payment.amount_cents.to_string().as_bytes())?;
+        kv::set(
+            &format!("paid:{}", payment.order_id),
+            payment.amount_cents.to_string().as_bytes(),
+        )?;
         kv::increment("payments:charged", 1)?;
         log::info(&format!(
             "charged {} cents for order {} on attempt {}",

@@ -39,8 +39,17 @@ impl Handler for Fulfil {
             kv::set(&marker, b"1")?;
             kv::increment("orders:fulfilled", 1)?;
         }
-        log::info(&format!("order {} reserved; requesting {} cents", order.id, order.total_cents));
-        publish_json("payments.requested", &PaymentRequest { order_id: &order.id, amount_cents: order.total_cents })?;
+        log::info(&format!(
+            "order {} reserved; requesting {} cents",
+            order.id, order.total_cents
+        ));
+        publish_json(
+            "payments.requested",
+            &PaymentRequest {
+                order_id: &order.id,
+                amount_cents: order.total_cents,
+            },
+        )?;
         Ok(())
     }
 }

@@ -39,14 +39,24 @@ impl Handler for Validate {
             return Err(reject(format!("order {}: item {} has quantity 0", order.id, item.sku)));
         }
         let total_cents: u64 = order.items.iter().map(|i| i.price_cents * u64::from(i.qty)).sum();
-        let max: u64 = config("max_total_cents").and_then(|v| v.parse().ok()).unwrap_or(u64::MAX);
+        let max: u64 = config("max_total_cents")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(u64::MAX);
         if total_cents > max {
             return Err(reject(format!("order {} total {total_cents} exceeds {max}", order.id)));
         }
-        log::info(&format!("order {} for {} is valid: {total_cents} cents", order.id, order.customer));
+        log::info(&format!(
+            "order {} for {} is valid: {total_cents} cents",
+            order.id, order.customer
+        ));
         publish_json(
             "orders.validated",
-            &ValidatedOrder { id: order.id, customer: order.customer, items: order.items, total_cents },
+            &ValidatedOrder {
+                id: order.id,
+                customer: order.customer,
+                items: order.items,
+                total_cents,
+            },
         )?;
         Ok(())
     }

@@ -112,12 +112,18 @@ impl EmbeddedBroker {
 
     /// The broker on `store` (whose tables exist).
     pub fn new(store: Store) -> Self {
-        Self { store, wake: Arc::new(Notify::new()) }
+        Self {
+            store,
+            wake: Arc::new(Notify::new()),
+        }
     }
 
     /// A source consuming `subject`.
     pub fn source(&self, subject: &str) -> Arc<dyn Source> {
-        Arc::new(EmbeddedSource { broker: self.clone(), subject: subject.to_string() })
+        Arc::new(EmbeddedSource {
+            broker: self.clone(),
+            subject: subject.to_string(),
+        })
     }
 
     /// A sink publishing into this broker.
@@ -188,7 +194,10 @@ impl EmbeddedBroker {
                     let Some(raw) = meta_table.get(seq)? else { continue };
                     let mut m: Meta = serde_json::from_slice(raw.value())?;
                     drop(raw);
-                    let payload = payloads.get(seq)?.map(|p| Bytes::copy_from_slice(p.value())).unwrap_or_default();
+                    let payload = payloads
+                        .get(seq)?
+                        .map(|p| Bytes::copy_from_slice(p.value()))
+                        .unwrap_or_default();
                     m.attempt += 1;
                     m.deliveries += 1;
                     m.due_ms = until;
@@ -203,7 +212,11 @@ impl EmbeddedBroker {
         Ok(taken
             .into_iter()
             .map(|(seq, m, payload)| Delivery {
-                acker: Box::new(EmbeddedAcker { broker: self.clone(), seq, token: m.deliveries }),
+                acker: Box::new(EmbeddedAcker {
+                    broker: self.clone(),
+                    seq,
+                    token: m.deliveries,
+                }),
                 id: m.id,
                 subject: m.subject,
                 payload,
@@ -243,7 +256,9 @@ impl EmbeddedBroker {
             .write(move |txn| {
                 let m: Meta = {
                     let meta_table = txn.open_table(META)?;
-                    let Some(raw) = meta_table.get(seq)? else { return Ok(false) };
+                    let Some(raw) = meta_table.get(seq)? else {
+                        return Ok(false);
+                    };
                     serde_json::from_slice(raw.value())?
                 };
                 if m.deliveries != token || m.dead.is_some() {
@@ -309,7 +324,8 @@ impl EmbeddedBroker {
                     m.dead = None;
                     m.attempt = 0;
                     m.due_ms = now;
-                    m.headers.retain(|(k, _)| !k.starts_with(crate::delivery::DEAD_LETTER_HEADER_PREFIX));
+                    m.headers
+                        .retain(|(k, _)| !k.starts_with(crate::delivery::DEAD_LETTER_HEADER_PREFIX));
                     queue.insert((m.subject.as_str(), now, seq), ())?;
                     meta_table.insert(seq, serde_json::to_vec(&m)?.as_slice())?;
                 }
@@ -335,10 +351,7 @@ impl EmbeddedBroker {
                 let (key, _) = entry?;
                 by_name.entry(key.value().0.to_string()).or_default().dead += 1;
             }
-            Ok(by_name
-                .into_iter()
-                .map(|(name, s)| QueueStats { name, ..s })
-                .collect())
+            Ok(by_name.into_iter().map(|(name, s)| QueueStats { name, ..s }).collect())
         })
     }
 }
@@ -512,7 +525,10 @@ mod tests {
         let (_, broker) = open_offline(&dir.path().join("db"))?;
         broker.publish(vec![msg("s", "a"), msg("s", "b")]).await?;
         let got = broker.source("s").receive(10, Duration::from_secs(60)).await?;
-        got[0].acker.dead_letter("s.dead", vec![("wharf-dead-letter-reason".into(), "rejected".into())]).await?;
+        got[0]
+            .acker
+            .dead_letter("s.dead", vec![("wharf-dead-letter-reason".into(), "rejected".into())])
+            .await?;
         got[1].acker.release().await?;
         let dead = broker.dead_letters("s.dead")?;
         assert_eq!(dead.len(), 1);

@@ -44,7 +44,8 @@ impl DedupStore for Store {
         let (handler, id) = (handler.to_string(), id.to_string());
         let expires = now_ms().saturating_add(ttl.as_millis() as u64);
         self.write(move |txn| {
-            txn.open_table(DEDUP)?.insert((handler.as_str(), id.as_str()), expires)?;
+            txn.open_table(DEDUP)?
+                .insert((handler.as_str(), id.as_str()), expires)?;
             Ok(())
         })
         .await

@@ -177,16 +177,22 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
 /// the next batch. Rate-limited handlers take one at a time, after the limit.
 async fn take_slots(binding: &Binding, permits: &Arc<Semaphore>) -> Vec<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
     let mut slots = Vec::new();
-    let Ok(first) = permits.clone().acquire_owned().await else { return slots };
-    let Ok(tenant) = binding.tenant_permits.clone().acquire_owned().await else { return slots };
+    let Ok(first) = permits.clone().acquire_owned().await else {
+        return slots;
+    };
+    let Ok(tenant) = binding.tenant_permits.clone().acquire_owned().await else {
+        return slots;
+    };
     slots.push((first, tenant));
     if let Some(limiter) = &binding.rate_limit {
         limiter.until_ready().await;
         return slots;
     }
     while slots.len() < binding.concurrency {
-        let (Ok(p), Ok(t)) = (permits.clone().try_acquire_owned(), binding.tenant_permits.clone().try_acquire_owned())
-        else {
+        let (Ok(p), Ok(t)) = (
+            permits.clone().try_acquire_owned(),
+            binding.tenant_permits.clone().try_acquire_owned(),
+        ) else {
             break;
         };
         slots.push((p, t));
@@ -200,7 +206,11 @@ pub async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery) -> Sett
     if d.payload.len() > limits.max_payload_bytes {
         let failure = Failure::new(
             FailureKind::PayloadTooLarge,
-            format!("payload is {} bytes; max_payload_bytes is {}", d.payload.len(), limits.max_payload_bytes),
+            format!(
+                "payload is {} bytes; max_payload_bytes is {}",
+                d.payload.len(),
+                limits.max_payload_bytes
+            ),
         );
         return dead_letter(binding, d, &failure).await;
     }
@@ -233,7 +243,8 @@ pub async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery) -> Sett
         reply_to: d.reply_to.clone(),
     };
     let attempt = runtime.invoke(&component, &binding.context, msg).await;
-    metrics::histogram!("wharf_attempt_seconds", "handler" => binding.name.clone()).record(attempt.elapsed.as_secs_f64());
+    metrics::histogram!("wharf_attempt_seconds", "handler" => binding.name.clone())
+        .record(attempt.elapsed.as_secs_f64());
 
     if let Err(failure) = attempt.result {
         return retry_or_dead_letter(binding, d, &failure).await;
@@ -301,7 +312,12 @@ async fn dead_letter(binding: &Binding, d: &Delivery, failure: &Failure) -> Sett
     metrics::counter!("wharf_failures_total", "handler" => binding.name.clone(), "reason" => failure.kind.as_str())
         .increment(1);
     let headers = dead_letter_headers(&binding.name, d, failure);
-    settle(binding, d, Settled::DeadLettered, d.acker.dead_letter(&binding.dead_letter_queue, headers).await)
+    settle(
+        binding,
+        d,
+        Settled::DeadLettered,
+        d.acker.dead_letter(&binding.dead_letter_queue, headers).await,
+    )
 }
 
 async fn release(binding: &Binding, d: &Delivery) -> Settled {

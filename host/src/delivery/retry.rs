@@ -98,6 +98,9 @@ mod tests {
     fn horizon_counts_every_lease_and_delay() {
         let p = policy();
         let lease = super::super::lease_for(Duration::from_secs(1));
-        assert_eq!(p.horizon(Duration::from_secs(1)), Duration::from_millis(600) + lease * 4);
+        assert_eq!(
+            p.horizon(Duration::from_secs(1)),
+            Duration::from_millis(600) + lease * 4
+        );
     }
 }

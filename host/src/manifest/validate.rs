@@ -115,7 +115,10 @@ fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String)) {
         } else if h.timeout_ms > tenant.max_timeout_ms {
             report(
                 &at("timeout_ms"),
-                format!("{} exceeds tenant {:?}'s max_timeout_ms {}", h.timeout_ms, h.tenant, tenant.max_timeout_ms),
+                format!(
+                    "{} exceeds tenant {:?}'s max_timeout_ms {}",
+                    h.timeout_ms, h.tenant, tenant.max_timeout_ms
+                ),
             );
         }
         if h.memory_mb == 0 {
@@ -123,7 +126,10 @@ fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String)) {
         } else if h.memory_mb > tenant.max_memory_mb {
             report(
                 &at("memory_mb"),
-                format!("{} exceeds tenant {:?}'s max_memory_mb {}", h.memory_mb, h.tenant, tenant.max_memory_mb),
+                format!(
+                    "{} exceeds tenant {:?}'s max_memory_mb {}",
+                    h.memory_mb, h.tenant, tenant.max_memory_mb
+                ),
             );
         }
         if h.max_payload_bytes == 0 {
@@ -137,7 +143,10 @@ fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String)) {
             report(&retry_at("max_attempts"), "must be at least 1".into());
         }
         if !(r.multiplier.is_finite() && r.multiplier >= 1.0) {
-            report(&retry_at("multiplier"), format!("must be a number >= 1.0, not {}", r.multiplier));
+            report(
+                &retry_at("multiplier"),
+                format!("must be a number >= 1.0, not {}", r.multiplier),
+            );
         }
         if r.max_delay_ms < r.initial_delay_ms {
             report(
@@ -163,7 +172,10 @@ fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String)) {
         }
         if let Some(rl) = &h.rate_limit {
             if rl.messages == 0 {
-                report(&["handlers", name, "rate_limit", "messages"], "must be at least 1".into());
+                report(
+                    &["handlers", name, "rate_limit", "messages"],
+                    "must be at least 1".into(),
+                );
             }
             if rl.per_ms == 0 {
                 report(&["handlers", name, "rate_limit", "per_ms"], "must be at least 1".into());
@@ -226,11 +238,7 @@ impl Located<'_> {
         self.line_at(offset)
     }
 
-    fn toml_error(
-        &self,
-        err: &toml::de::Error,
-        at: Option<(&toml::Spanned<DeTable<'_>>, FieldPath)>,
-    ) -> ManifestError {
+    fn toml_error(&self, err: &toml::de::Error, at: Option<(&toml::Spanned<DeTable<'_>>, FieldPath)>) -> ManifestError {
         let message = err.message().trim().to_string();
         let (mut field, path_line) = match &at {
             Some((tree, path)) => (path.join("."), Some(self.line_of_path(tree, path))),
@@ -238,11 +246,23 @@ impl Located<'_> {
         };
         // serde reports an unknown field against the table that holds it; name
         // the field itself, and find its line.
-        if let Some(unknown) = message.strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
-            field = if field.is_empty() { unknown.to_string() } else { format!("{field}.{unknown}") };
+        if let Some(unknown) = message
+            .strip_prefix("unknown field `")
+            .and_then(|m| m.split('`').next())
+        {
+            if field.is_empty() {
+                field = unknown.to_string();
+            } else if !field.ends_with(&format!(".{unknown}")) && field != unknown {
+                field = format!("{field}.{unknown}");
+            }
         }
         let line = err.span().map(|s| self.line_at(s.start)).or(path_line);
-        ManifestError { file: self.file.to_path_buf(), line, field, message }
+        ManifestError {
+            file: self.file.to_path_buf(),
+            line,
+            field,
+            message,
+        }
     }
 }
 
@@ -259,23 +279,34 @@ mod tests {
 
     #[test]
     fn unknown_field_is_named_with_its_line() {
-        let e = errors("[host]\nshutdown_grace_ms = 5\n\n[handlers.a]\ncomponent = \"a.wasm\"\nsource = { subject = \"x\" }\nconcurency = 3\n");
+        let e = errors(
+            "[host]\nshutdown_grace_ms = 5\n\n[handlers.a]\ncomponent = \"a.wasm\"\nsource = { subject = \"x\" }\nconcurency = 3\n",
+        );
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].starts_with("/nowhere/wharf.toml:7: handlers.a.concurency: unknown field `concurency`"), "{e:?}");
+        assert!(
+            e[0].starts_with("/nowhere/wharf.toml:7: handlers.a.concurency: unknown field `concurency`"),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn wrong_type_is_named_with_its_line() {
         let e = errors("[handlers.a]\ncomponent = \"a.wasm\"\nsource = { subject = \"x\" }\ntimeout_ms = \"soon\"\n");
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].starts_with("/nowhere/wharf.toml:4: handlers.a.timeout_ms: invalid type"), "{e:?}");
+        assert!(
+            e[0].starts_with("/nowhere/wharf.toml:4: handlers.a.timeout_ms: invalid type"),
+            "{e:?}"
+        );
     }
 
     #[test]
     fn missing_field_points_at_its_table() {
         let e = errors("\n[handlers.a]\nsource = { subject = \"x\" }\n");
         assert_eq!(e.len(), 1, "{e:?}");
-        assert!(e[0].starts_with("/nowhere/wharf.toml:2: handlers.a: missing field `component`"), "{e:?}");
+        assert!(
+            e[0].starts_with("/nowhere/wharf.toml:2: handlers.a: missing field `component`"),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -286,8 +317,13 @@ mod tests {
         assert_eq!(e.len(), 4, "{e:?}");
         assert!(e[0].starts_with("/nowhere/wharf.toml:2: handlers.a.component: no component at /nowhere/a.wasm"));
         assert!(e[1].starts_with("/nowhere/wharf.toml:3: handlers.a.source.broker: unknown broker \"nope\""));
-        assert!(e[2].starts_with("/nowhere/wharf.toml:4: handlers.a.publish.1: "), "{e:?}");
-        assert!(e[3].starts_with("/nowhere/wharf.toml:6: handlers.a.dedup.ttl_secs: dedup TTL 1s is shorter than the retry horizon"));
+        assert!(
+            e[2].starts_with("/nowhere/wharf.toml:4: handlers.a.publish.1: "),
+            "{e:?}"
+        );
+        assert!(e[3].starts_with(
+            "/nowhere/wharf.toml:6: handlers.a.dedup.ttl_secs: dedup TTL 1s is shorter than the retry horizon"
+        ));
     }
 
     #[test]

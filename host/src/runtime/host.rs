@@ -131,14 +131,19 @@ impl StoreState {
 
 impl WasiView for StoreState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
 /// Replace control characters (bar tab) so a guest cannot forge log lines or
 /// terminal escapes.
 pub fn sanitize(text: &str) -> String {
-    text.chars().map(|c| if c.is_control() && c != '\t' { '\u{FFFD}' } else { c }).collect()
+    text.chars()
+        .map(|c| if c.is_control() && c != '\t' { '\u{FFFD}' } else { c })
+        .collect()
 }
 
 impl AttemptState {
@@ -163,7 +168,10 @@ impl AttemptState {
 
     /// Log what the guest wrote to stdout/stderr, within the log budget.
     pub(super) fn flush_stdio(&mut self) {
-        for (stream, level) in [(self.stdout.contents(), host::LogLevel::Info), (self.stderr.contents(), host::LogLevel::Warn)] {
+        for (stream, level) in [
+            (self.stdout.contents(), host::LogLevel::Info),
+            (self.stderr.contents(), host::LogLevel::Warn),
+        ] {
             for line in String::from_utf8_lossy(&stream).lines().filter(|l| !l.is_empty()) {
                 self.log(level, line);
             }

@@ -23,8 +23,8 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
 
-pub use host::{AttemptLimits, HandlerContext, sanitize};
 use host::StoreState;
+pub use host::{AttemptLimits, HandlerContext, sanitize};
 
 use crate::broker::OutboundMessage;
 
@@ -94,7 +94,11 @@ pub struct Failure {
 impl Failure {
     /// A failure with no retry-after.
     pub fn new(kind: FailureKind, message: impl Into<String>) -> Self {
-        Self { kind, message: message.into(), retry_after: None }
+        Self {
+            kind,
+            message: message.into(),
+            retry_after: None,
+        }
     }
 }
 
@@ -157,10 +161,14 @@ impl Runtime {
             .epoch_interruption(true)
             .wasm_component_model(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(anyhow::Error::from).context("creating the Wasm engine")?;
+        let engine = Engine::new(&config)
+            .map_err(anyhow::Error::from)
+            .context("creating the Wasm engine")?;
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from).context("linking WASI")?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("linking WASI")?;
         bindings::HandlerWorld::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)
             .map_err(anyhow::Error::from)
             .context("linking the wharf host imports")?;
@@ -182,7 +190,12 @@ impl Runtime {
 
         std::fs::create_dir_all(&cfg.cache_dir)
             .with_context(|| format!("creating the component cache {}", cfg.cache_dir.display()))?;
-        Ok(Self { engine, linker, cache_dir: cfg.cache_dir, ticker_stop })
+        Ok(Self {
+            engine,
+            linker,
+            cache_dir: cfg.cache_dir,
+            ticker_stop,
+        })
     }
 
     /// Load the component at `path`: from the compiled cache when this host
@@ -194,7 +207,9 @@ impl Runtime {
         let digest = hex::encode(Sha256::digest(&bytes));
         let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
-        let cached = self.cache_dir.join(format!("{digest}-{:016x}.cwasm", engine_hash.finish()));
+        let cached = self
+            .cache_dir
+            .join(format!("{digest}-{:016x}.cwasm", engine_hash.finish()));
 
         let component = match self.read_cache(&cached) {
             Some(component) => component,
@@ -217,7 +232,10 @@ impl Runtime {
         let pre = bindings::HandlerWorldPre::new(instance_pre)
             .map_err(anyhow::Error::from)
             .with_context(|| {
-                format!("{} does not export `wharf:handler/handler@0.1.0` with `handle`", path.display())
+                format!(
+                    "{} does not export `wharf:handler/handler@0.1.0` with `handle`",
+                    path.display()
+                )
             })?;
         Ok(LoadedComponent { pre, digest })
     }
@@ -275,11 +293,16 @@ impl Runtime {
             let instance = component.pre.instantiate_async(&mut store).await?;
             instance.wharf_handler_handler().call_handle(&mut store, &msg).await
         };
-        let outcome = tokio::time::timeout(limits.timeout, call).await;
+        // The CPU budget (epochs) is the precise limit; the wall-clock limit,
+        // a little longer, catches a guest parked in a host call.
+        let outcome = tokio::time::timeout(wall_budget(limits.timeout), call).await;
         let result = match outcome {
             Err(_) => Err(Failure::new(
                 FailureKind::Timeout,
-                format!("wall-clock budget of {} ms exhausted", limits.timeout.as_millis()),
+                format!(
+                    "wall-clock budget of {} ms exhausted",
+                    wall_budget(limits.timeout).as_millis()
+                ),
             )),
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(HandlerError::Retry(info)))) => Err(Failure {
@@ -293,7 +316,11 @@ impl Runtime {
         let state = store.data_mut();
         state.attempt.flush_stdio();
         let outbox = std::mem::take(&mut state.attempt.outbox);
-        Attempt { result, outbox, elapsed: started.elapsed() }
+        Attempt {
+            result,
+            outbox,
+            elapsed: started.elapsed(),
+        }
     }
 }
 
@@ -301,6 +328,13 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
     }
+}
+
+/// The wall-clock limit of an attempt with CPU budget `timeout`: 10% and
+/// five ticks more, so that a busy guest is stopped (and reported) by its CPU
+/// budget, and only a guest waiting on something is stopped by the clock.
+fn wall_budget(timeout: Duration) -> Duration {
+    timeout + timeout / 10 + TICK * 5
 }
 
 fn classify(e: &wasmtime::Error, memory_exceeded: bool, limits: &AttemptLimits) -> Failure {
@@ -313,7 +347,10 @@ fn classify(e: &wasmtime::Error, memory_exceeded: bool, limits: &AttemptLimits) 
     if memory_exceeded {
         return Failure::new(
             FailureKind::Memory,
-            format!("linear memory would exceed the cap of {} MiB: {e}", limits.memory_bytes >> 20),
+            format!(
+                "linear memory would exceed the cap of {} MiB: {e}",
+                limits.memory_bytes >> 20
+            ),
         );
     }
     if let Some(trap) = e.downcast_ref::<Trap>() {

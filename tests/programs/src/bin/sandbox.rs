@@ -36,7 +36,11 @@ impl Handler for Sandbox {
         // Control characters must not reach the host's log verbatim.
         log::info("sandbox probe \u{1b}[31mred\u{1b}[0m\nforged line");
         println!("stdout goes to the host log");
-        if leaks.is_empty() { Ok(()) } else { Err(reject(leaks.join(", "))) }
+        if leaks.is_empty() {
+            Ok(())
+        } else {
+            Err(reject(leaks.join(", ")))
+        }
     }
 }
 
