@@ -10,10 +10,12 @@ use anyhow::{Context, Result};
 use arc_swap::ArcSwap;
 use tokio::task::JoinSet;
 
+use crate::broker::Broker;
 use crate::broker::embedded::EmbeddedBroker;
+use crate::broker::redis::RedisBroker;
 use crate::delivery::{self, Binding, RetryPolicy, Shutdown};
 use crate::kv::Kv;
-use crate::manifest::{DEFAULT_TENANT, Manifest};
+use crate::manifest::{BrokerConfig, DEFAULT_TENANT, EMBEDDED_BROKER, Manifest};
 use crate::registry::Registry;
 use crate::runtime::{AttemptLimits, HandlerContext, Runtime, RuntimeConfig};
 use crate::store::Store;
@@ -42,6 +44,8 @@ pub struct App {
     pub runtime: Arc<Runtime>,
     /// Handler bindings.
     pub registry: Registry,
+    /// Every broker by name (the embedded one included).
+    pub brokers: BTreeMap<String, Broker>,
     /// True once every consumer is running, false again on shutdown.
     pub ready: AtomicBool,
 }
@@ -64,6 +68,20 @@ impl App {
         let store = crate::store::open_all(&manifest.host.data_dir.join(DB_FILE))?;
         let broker = EmbeddedBroker::new(store.clone());
         let runtime = Arc::new(runtime_for(&manifest)?);
+
+        let mut brokers = BTreeMap::from([(EMBEDDED_BROKER.to_string(), Broker::Embedded(broker.clone()))]);
+        for (name, cfg) in &manifest.brokers {
+            match cfg {
+                BrokerConfig::Embedded {} => {}
+                BrokerConfig::Redis { url, consumer } => {
+                    let consumer = consumer
+                        .clone()
+                        .unwrap_or_else(|| default_consumer(&manifest.host.data_dir));
+                    let redis = RedisBroker::new(url, consumer).with_context(|| format!("broker {name:?}"))?;
+                    brokers.insert(name.clone(), Broker::Redis(Arc::new(redis)));
+                }
+            }
+        }
 
         let mut tenants: BTreeMap<String, Arc<Tenant>> = BTreeMap::new();
         let mut registry = Registry::default();
@@ -97,20 +115,30 @@ impl App {
                     max_log_bytes: h.max_log_bytes as usize,
                 },
             });
-            let dedup = h.dedup.as_ref().map(|d| {
-                let store: Arc<dyn delivery::DedupStore> = Arc::new(store.clone());
-                (store, Duration::from_secs(d.ttl_secs))
-            });
+            // Validated: the brokers named exist.
+            let source_broker = &brokers[&h.source.broker];
+            let target = h
+                .publish_to
+                .as_ref()
+                .and_then(|t| t.broker.clone())
+                .unwrap_or_else(|| h.source.broker.clone());
+            let retry = RetryPolicy::from(&h.retry);
+            let reclaim_after = delivery::lease_for(Duration::from_millis(h.timeout_ms)) + retry.max_delay;
+            let endpoints = source_broker.endpoints(&h.source, h.dead_letter.as_deref(), reclaim_after);
+            let dedup = h
+                .dedup
+                .as_ref()
+                .map(|d| (source_broker.dedup(&store), Duration::from_secs(d.ttl_secs)));
             registry.insert(Arc::new(Binding {
                 name: name.clone(),
                 component: ArcSwap::from_pointee(component),
                 context,
-                source: broker.source(&h.source.subject),
-                sink: broker.sink(),
-                dead_letter_queue: h.dead_letter.clone().unwrap_or_else(|| h.source.subject.clone()),
+                source: endpoints.source,
+                sink: brokers[&target].sink(h.publish_to.as_ref(), h.source.kind),
+                dead_letter_queue: endpoints.dead_letter_queue,
                 concurrency: h.concurrency as usize,
                 tenant_permits: tenant.permits.clone(),
-                retry: RetryPolicy::from(&h.retry),
+                retry,
                 dedup,
                 rate_limit: h
                     .rate_limit
@@ -124,8 +152,14 @@ impl App {
             broker,
             runtime,
             registry,
+            brokers,
             ready: AtomicBool::new(false),
         }))
+    }
+
+    /// Ready to take work: consuming, and every broker reachable.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst) && self.brokers.values().all(Broker::is_ready)
     }
 
     /// Serve HTTP and consume until `shutdown.stop`, then drain: wait up to
@@ -146,6 +180,13 @@ impl App {
                 self.runtime.clone(),
                 shutdown.clone(),
             ));
+        }
+        for (name, b) in &self.brokers {
+            if let Broker::Redis(redis) = b
+                && let Err(e) = redis.probe().await
+            {
+                tracing::warn!(broker = %name, error = %format!("{e:#}"), "Redis is not reachable yet; not ready until it is");
+            }
         }
         let sweeper = tokio::spawn(sweep(self.store.clone()));
         self.ready.store(true, Ordering::SeqCst);
@@ -170,6 +211,16 @@ impl App {
         tracing::info!("wharf stopped");
         Ok(())
     }
+}
+
+/// A consumer name that is stable across restarts of this host and distinct
+/// for two hosts on one machine: the hostname and a hash of the data folder.
+fn default_consumer(data_dir: &std::path::Path) -> String {
+    use sha2::Digest;
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "wharf".into());
+    let dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let hash = sha2::Sha256::digest(dir.to_string_lossy().as_bytes());
+    format!("{}-{}", host.trim(), hex::encode(&hash[..4]))
 }
 
 async fn sweep(store: Store) {

@@ -180,6 +180,9 @@ async fn watch_signals(shutdown: Shutdown) {
 
 fn check(path: &Path) -> Result<()> {
     let manifest = load_manifest(path)?;
+    for w in &manifest.warnings {
+        println!("warning {w}");
+    }
     let runtime = crate::app::runtime_for(&manifest)?;
     let mut failed = 0;
     for (name, h) in &manifest.handlers {

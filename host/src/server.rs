@@ -15,7 +15,6 @@
 //! behind something that does.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
@@ -147,7 +146,7 @@ async fn dlq_replay(State(ctx): State<Ctx>, Path(queue): Path<String>, Query(q):
 }
 
 async fn readyz(State(ctx): State<Ctx>) -> Response {
-    if ctx.app.ready.load(Ordering::SeqCst) {
+    if ctx.app.is_ready() {
         (StatusCode::OK, "ready").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()

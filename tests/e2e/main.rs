@@ -2,6 +2,7 @@
 //! from `tests/programs`, the embedded broker on a temporary data folder.
 
 mod harness;
+mod redis;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,7 +22,7 @@ fn header<'a>(headers: &'a [(String, String)], key: &str) -> &'a str {
 /// Every program in tests/programs/src/bin must be run by some test here.
 #[test]
 fn every_test_program_is_used() {
-    let sources = include_str!("main.rs");
+    let sources = [include_str!("main.rs"), include_str!("redis.rs")].concat();
     let bin = workspace().join("tests/programs/src/bin");
     for entry in std::fs::read_dir(&bin).expect("programs folder") {
         let name = entry
@@ -33,7 +34,7 @@ fn every_test_program_is_used() {
             .into_owned();
         assert!(
             sources.contains(&format!("\"{name}\"")),
-            "test program {name} is not used by any test in tests/e2e/main.rs"
+            "test program {name} is not used by any test in tests/e2e/"
         );
     }
 }

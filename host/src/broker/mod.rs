@@ -13,6 +13,9 @@
 //! in one transaction). One file per backend lives beside this one.
 
 pub mod embedded;
+pub mod redis;
+
+use std::sync::Arc;
 
 use std::time::Duration;
 
@@ -106,4 +109,105 @@ pub trait Sink: Send + Sync {
     /// Publish `messages`, returning once the broker has confirmed all of them
     /// (durably stored, for durable brokers).
     async fn publish(&self, messages: Vec<OutboundMessage>) -> Result<()>;
+}
+
+/// A configured broker, by backend. The one place that maps manifest
+/// settings to a backend's sources, sinks and dedup store.
+#[derive(Clone)]
+pub enum Broker {
+    /// The embedded broker.
+    Embedded(embedded::EmbeddedBroker),
+    /// A Redis server.
+    Redis(Arc<redis::RedisBroker>),
+}
+
+/// What a binding needs from its broker.
+pub struct Endpoints {
+    /// Where messages come from.
+    pub source: Arc<dyn Source>,
+    /// Dead-letter queue name.
+    pub dead_letter_queue: String,
+}
+
+impl Broker {
+    /// The source for `cfg`, and its dead-letter queue (`dead_letter` when
+    /// the manifest names one). `reclaim_after`: how long an entry must sit
+    /// idle with a dead consumer before another host takes it (streams).
+    pub fn endpoints(
+        &self,
+        cfg: &crate::manifest::SourceConfig,
+        dead_letter: Option<&str>,
+        reclaim_after: Duration,
+    ) -> Endpoints {
+        match self {
+            Broker::Embedded(b) => Endpoints {
+                source: b.source(&cfg.subject),
+                dead_letter_queue: dead_letter.unwrap_or(&cfg.subject).to_string(),
+            },
+            Broker::Redis(b) => {
+                let kind = redis_kind(cfg.kind).unwrap_or(redis::RedisKind::Stream);
+                let group = cfg.group.as_deref().unwrap_or("wharf");
+                Endpoints {
+                    source: b.source(kind, &cfg.subject, group, reclaim_after),
+                    dead_letter_queue: dead_letter
+                        .map(str::to_string)
+                        .unwrap_or_else(|| format!("{}:dead", cfg.subject)),
+                }
+            }
+        }
+    }
+
+    /// The sink for a handler's outbox. `source_kind` is the kind of the
+    /// handler's source, the default when this broker is also the source's.
+    pub fn sink(
+        &self,
+        to: Option<&crate::manifest::PublishTo>,
+        source_kind: Option<crate::manifest::SourceKind>,
+    ) -> Arc<dyn Sink> {
+        match self {
+            Broker::Embedded(b) => b.sink(),
+            Broker::Redis(b) => {
+                let kind = to
+                    .and_then(|t| redis_kind(t.kind))
+                    .or_else(|| redis_kind(source_kind))
+                    .map(|k| {
+                        if k == redis::RedisKind::Pattern {
+                            redis::RedisKind::Channel
+                        } else {
+                            k
+                        }
+                    })
+                    .unwrap_or(redis::RedisKind::Stream);
+                b.sink(kind, to.and_then(|t| t.maxlen))
+            }
+        }
+    }
+
+    /// Where dedup marks live for handlers consuming this broker: Redis keeps
+    /// them itself (shared by every host); otherwise the local store.
+    pub fn dedup(&self, local: &crate::store::Store) -> Arc<dyn crate::delivery::DedupStore> {
+        match self {
+            Broker::Embedded(_) => Arc::new(local.clone()),
+            Broker::Redis(b) => b.dedup(),
+        }
+    }
+
+    /// Whether the broker is reachable.
+    pub fn is_ready(&self) -> bool {
+        match self {
+            Broker::Embedded(_) => true,
+            Broker::Redis(b) => b.health().is_up(),
+        }
+    }
+}
+
+fn redis_kind(kind: Option<crate::manifest::SourceKind>) -> Option<redis::RedisKind> {
+    use crate::manifest::SourceKind as K;
+    Some(match kind? {
+        K::Stream => redis::RedisKind::Stream,
+        K::List => redis::RedisKind::List,
+        K::Channel => redis::RedisKind::Channel,
+        K::Pattern => redis::RedisKind::Pattern,
+        K::Queue => return None,
+    })
 }

@@ -29,7 +29,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-pub use dedup::DedupStore;
+pub use dedup::{Claim, DedupStore};
 pub use retry::RetryPolicy;
 
 use crate::broker::{Delivery, Sink, Source};
@@ -215,12 +215,20 @@ pub async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery) -> Sett
         return dead_letter(binding, d, &failure).await;
     }
     if let Some((store, _)) = &binding.dedup {
-        match store.is_done(&binding.name, &d.id).await {
-            Ok(true) => {
+        match store.claim(&binding.name, &d.id, binding.lease()).await {
+            Ok(Claim::Acquired) => {}
+            Ok(Claim::Done) => {
                 tracing::debug!(handler = %binding.name, message_id = %d.id, "duplicate: acked without running");
                 return settle(binding, d, Settled::Deduplicated, d.acker.ack().await);
             }
-            Ok(false) => {}
+            Ok(Claim::Busy) => {
+                // A twin is being handled right now (here or on another
+                // host). Come back when it has finished; this is not a
+                // failure of the message, so it never dead-letters.
+                let delay = binding.retry.delay(1, None).max(Duration::from_millis(100));
+                tracing::debug!(handler = %binding.name, message_id = %d.id, "a copy is in flight; trying this one later");
+                return settle(binding, d, Settled::Retried, d.acker.retry(delay).await);
+            }
             Err(e) => {
                 // Running without knowing could repeat effects; try later.
                 let failure = Failure::new(FailureKind::Error, format!("dedup store unavailable: {e:#}"));
@@ -228,7 +236,20 @@ pub async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery) -> Sett
             }
         }
     }
+    let settled = attempt_and_settle(binding, runtime, d).await;
+    if let Some((store, _)) = &binding.dedup
+        && settled != Settled::Acked
+        && let Err(e) = store.abandon(&binding.name, &d.id).await
+    {
+        // The claim expires with the lease anyway.
+        tracing::debug!(handler = %binding.name, message_id = %d.id, error = %format!("{e:#}"), "could not drop a dedup claim");
+    }
+    settled
+}
 
+/// Run one attempt and settle the delivery by its outcome.
+async fn attempt_and_settle(binding: &Binding, runtime: &Runtime, d: &Delivery) -> Settled {
+    let limits = binding.context.limits;
     let component = binding.component.load_full();
     let msg = Message {
         id: d.id.clone(),
@@ -257,7 +278,7 @@ pub async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery) -> Sett
         }
     }
     if let Some((store, ttl)) = &binding.dedup
-        && let Err(e) = store.mark_done(&binding.name, &d.id, *ttl).await
+        && let Err(e) = store.finish(&binding.name, &d.id, *ttl).await
     {
         tracing::warn!(handler = %binding.name, message_id = %d.id, error = %format!("{e:#}"), "could not record dedup mark; a redelivery would run again");
     }

@@ -48,6 +48,9 @@ pub struct Manifest {
     /// The manifest file this was read from.
     #[serde(skip)]
     pub file: PathBuf,
+    /// Things that are valid but deserve a second look (`wharf check` prints them).
+    #[serde(skip)]
+    pub warnings: Vec<ManifestError>,
 }
 
 /// `[host]`
@@ -85,6 +88,31 @@ impl Default for HostConfig {
 pub enum BrokerConfig {
     /// The embedded durable broker, stored in the host's data folder.
     Embedded {},
+    /// A Redis server.
+    Redis {
+        /// `redis://[user:password@]host:port[/db]`.
+        url: String,
+        /// This host's stable consumer name (stream consumer, list
+        /// processing list). Default: `<hostname>-<hash of the data folder>`,
+        /// stable across restarts and distinct per host.
+        consumer: Option<String>,
+    },
+}
+
+/// What kind of source or publish target, where the broker has several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SourceKind {
+    /// Embedded broker queue (its only kind).
+    Queue,
+    /// Redis stream read by a consumer group (the Redis default).
+    Stream,
+    /// Redis list used as a reliable job queue.
+    List,
+    /// Redis pub/sub channel: at-most-once.
+    Channel,
+    /// Redis pub/sub channel pattern: at-most-once; sources only.
+    Pattern,
 }
 
 /// `[tenants.<name>]`: ceilings shared by all of a tenant's handlers.
@@ -163,7 +191,11 @@ pub struct HandlerConfig {
     /// Retry policy.
     #[serde(default)]
     pub retry: RetryConfig,
-    /// Dead-letter queue name. Default: the source subject's own queue.
+    /// Where the outbox goes. Default: the source's broker.
+    pub publish_to: Option<PublishTo>,
+    /// Dead-letter queue name. Default: embedded, the source subject's own
+    /// dead-letter queue; Redis, `<subject>:dead` (a stream, or a list for
+    /// list sources).
     pub dead_letter: Option<String>,
     /// Deduplication on (handler, message id); off unless the table is given.
     pub dedup: Option<DedupConfig>,
@@ -181,8 +213,28 @@ pub struct SourceConfig {
     /// Broker name. Default `embedded`.
     #[serde(default = "default_broker")]
     pub broker: String,
-    /// Subject (queue) to consume.
+    /// Subject to consume: the embedded queue, Redis stream, list key or
+    /// channel (a glob for `pattern`).
     pub subject: String,
+    /// Source kind. Embedded: `queue`. Redis: `stream` (default), `list`,
+    /// `channel`, `pattern`.
+    pub kind: Option<SourceKind>,
+    /// Redis stream consumer group. Default `wharf`.
+    pub group: Option<String>,
+}
+
+/// `publish_to = { broker = "...", kind = "...", maxlen = N }`: where the
+/// handler's outbox goes. Default: the source's broker, and for Redis the
+/// source's kind (`stream` for pub/sub sources).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishTo {
+    /// Broker name. Default: the source's broker.
+    pub broker: Option<String>,
+    /// Redis: `stream`, `list` or `channel`.
+    pub kind: Option<SourceKind>,
+    /// Redis streams: trim to about this many entries on publish.
+    pub maxlen: Option<u64>,
 }
 
 /// `[handlers.<name>.retry]`
@@ -324,6 +376,15 @@ impl Manifest {
     /// Parse and validate manifest `text` as if read from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Manifest, ManifestErrors> {
         validate::parse(path, text)
+    }
+
+    /// The broker configuration of `name` (the implicit embedded one included).
+    pub fn broker(&self, name: &str) -> Option<BrokerConfig> {
+        match self.brokers.get(name) {
+            Some(b) => Some(b.clone()),
+            None if name == EMBEDDED_BROKER => Some(BrokerConfig::Embedded {}),
+            None => None,
+        }
     }
 
     /// The tenant settings of `name` (the implicit default tenant included).

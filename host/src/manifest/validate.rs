@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use serde_path_to_error::Segment;
 use toml::de::{DeTable, DeValue};
 
-use super::{BrokerConfig, DEFAULT_TENANT, EMBEDDED_BROKER, Manifest, ManifestError, ManifestErrors};
+use super::{BrokerConfig, DEFAULT_TENANT, EMBEDDED_BROKER, Manifest, ManifestError, ManifestErrors, SourceKind};
 use crate::delivery::RetryPolicy;
 use crate::subject::SubjectPattern;
 
@@ -32,16 +32,24 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Manifest, ManifestErrors>
     })?;
     manifest.file = file.to_path_buf();
 
-    let mut errors = Vec::new();
-    check(&mut manifest, &mut |path: &[&str], message: String| {
+    let errors = std::cell::RefCell::new(Vec::new());
+    let warnings = std::cell::RefCell::new(Vec::new());
+    let at = |path: &[&str], message: String| {
         let path: FieldPath = path.iter().map(|s| s.to_string()).collect();
-        errors.push(ManifestError {
+        ManifestError {
             file: file.to_path_buf(),
             line: Some(doc.line_of_path(&tree, &path)),
             field: path.join("."),
             message,
-        });
-    });
+        }
+    };
+    check(
+        &mut manifest,
+        &mut |path: &[&str], message: String| errors.borrow_mut().push(at(path, message)),
+        &mut |path: &[&str], message: String| warnings.borrow_mut().push(at(path, message)),
+    );
+    let mut errors = errors.into_inner();
+    manifest.warnings = warnings.into_inner();
     if errors.is_empty() {
         Ok(manifest)
     } else {
@@ -52,7 +60,7 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Manifest, ManifestErrors>
 
 /// The semantic checks. `report(path, message)` records one error; paths
 /// are resolved against the manifest's folder as a side effect.
-fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String)) {
+fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String), warn: &mut dyn FnMut(&[&str], String)) {
     let base = m.file.parent().map(Path::to_path_buf).unwrap_or_default();
     m.host.data_dir = resolve(&base, &m.host.data_dir);
 
@@ -91,15 +99,91 @@ fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String)) {
             }
         };
         let broker = h.source.broker.as_str();
-        match m.brokers.get(broker) {
-            Some(BrokerConfig::Embedded {}) => {}
-            None if broker == EMBEDDED_BROKER => {}
+        let source_at = |field: &'static str| ["handlers", name.as_str(), "source", field];
+        let source_broker = m
+            .brokers
+            .get(broker)
+            .cloned()
+            .or_else(|| (broker == EMBEDDED_BROKER).then_some(BrokerConfig::Embedded {}));
+        let kind = h.source.kind;
+        match &source_broker {
+            Some(BrokerConfig::Embedded {}) => {
+                if !matches!(kind, None | Some(SourceKind::Queue)) {
+                    report(
+                        &source_at("kind"),
+                        "the embedded broker has only `queue` sources".into(),
+                    );
+                }
+                if h.source.group.is_some() {
+                    report(
+                        &source_at("group"),
+                        "`group` applies to Redis stream sources only".into(),
+                    );
+                }
+            }
+            Some(BrokerConfig::Redis { .. }) => {
+                match kind {
+                    Some(SourceKind::Queue) => report(
+                        &source_at("kind"),
+                        "Redis sources are `stream`, `list`, `channel` or `pattern`".into(),
+                    ),
+                    Some(SourceKind::Channel | SourceKind::Pattern) => warn(
+                        &source_at("kind"),
+                        "Redis pub/sub is at-most-once: messages published while no host is subscribed, or in flight when a host dies, are lost".into(),
+                    ),
+                    _ => {}
+                }
+                if h.source.group.is_some() && !matches!(kind, None | Some(SourceKind::Stream)) {
+                    report(
+                        &source_at("group"),
+                        "`group` applies to Redis stream sources only".into(),
+                    );
+                }
+            }
             None => report(
-                &["handlers", name, "source", "broker"],
+                &source_at("broker"),
                 format!("unknown broker {broker:?}; declare it under [brokers.{broker}]"),
             ),
         }
-        if let Err(e) = SubjectPattern::check_literal(&h.source.subject) {
+        if let Some(to) = &h.publish_to {
+            let target = to.broker.as_deref().unwrap_or(broker);
+            let at = |field: &'static str| ["handlers", name.as_str(), "publish_to", field];
+            match m
+                .brokers
+                .get(target)
+                .cloned()
+                .or_else(|| (target == EMBEDDED_BROKER).then_some(BrokerConfig::Embedded {}))
+            {
+                None => report(
+                    &at("broker"),
+                    format!("unknown broker {target:?}; declare it under [brokers.{target}]"),
+                ),
+                Some(BrokerConfig::Embedded {}) => {
+                    if to.kind.is_some_and(|k| k != SourceKind::Queue) {
+                        report(&at("kind"), "the embedded broker publishes to queues only".into());
+                    }
+                    if to.maxlen.is_some() {
+                        report(&at("maxlen"), "`maxlen` applies to Redis streams only".into());
+                    }
+                }
+                Some(BrokerConfig::Redis { .. }) => {
+                    if matches!(to.kind, Some(SourceKind::Queue | SourceKind::Pattern)) {
+                        report(
+                            &at("kind"),
+                            "Redis publish targets are `stream`, `list` or `channel`".into(),
+                        );
+                    }
+                }
+            }
+        }
+        if kind == Some(SourceKind::Pattern) {
+            if h.source.subject.is_empty() || h.source.subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                report(
+                    &source_at("subject"),
+                    "pattern must be non-empty with no whitespace".into(),
+                );
+            }
+        } else if let Err(e) = SubjectPattern::check_literal(&h.source.subject) {
             report(&["handlers", name, "source", "subject"], e);
         }
         if let Some(dl) = &h.dead_letter

@@ -1,0 +1,1534 @@
+//! Redis as a broker: streams with consumer groups, reliable lists (the job
+//! queue), and pub/sub.
+//!
+//! | source `kind` | delivery | attempt count | retry | dead letter |
+//! |---|---|---|---|---|
+//! | `stream` | `XREADGROUP` batches; acks batched into one `XACK` | the entry's delivery counter | entry stays pending; `XCLAIM`ed back after the delay | `MULTI { XADD <dlq>; XACK }` |
+//! | `list` | `BLMOVE` into `<queue>:processing:<consumer>` | `attempts` in the job envelope | `LREM` + `ZADD <queue>:delayed` (one Lua script), due by Redis' clock | `LREM` + `LPUSH <dlq>` (one Lua script) |
+//! | `channel`, `pattern` | `SUBSCRIBE` / `PSUBSCRIBE` | 1 | in memory only | `XADD <dlq>` |
+//!
+//! **Pub/sub is at-most-once**: a message published while no host is
+//! subscribed, or in flight when the host dies, is gone. `wharf check` warns.
+//!
+//! Crash recovery:
+//! - streams: on start a host first re-reads its own pending entries (same
+//!   consumer name); a janitor `XAUTOCLAIM`s entries other consumers left idle
+//!   for longer than the lease plus the longest retry delay (so a live host's
+//!   scheduled retry is never stolen).
+//! - lists: each consumer keeps a heartbeat key alive; a reaper returns the
+//!   processing list of a consumer whose heartbeat expired to the queue,
+//!   counting the interrupted attempt, in one Lua script. On start a host
+//!   returns its own processing list the same way.
+//!
+//! Connections are made lazily and remade after any connection error, so a
+//! host starts (not ready) while Redis is down and recovers when it is back.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, RedisError, Script, Value};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+use super::{Acker, Delivery, OutboundMessage, Sink, Source};
+use crate::delivery::{Claim, DedupStore};
+use crate::store::now_ms;
+
+/// How long a blocking read waits before looking at retries and the janitor.
+const BLOCK: Duration = Duration::from_secs(1);
+/// Response timeout of command connections.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connection timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A lazily made connection that is dropped after a connection error and
+/// made again on next use. Its state is the broker's readiness.
+struct Conn {
+    client: redis::Client,
+    response_timeout: Duration,
+    slot: Mutex<Option<MultiplexedConnection>>,
+    health: Arc<Health>,
+}
+
+/// Whether the broker's connections currently work.
+#[derive(Default)]
+pub struct Health {
+    up: AtomicBool,
+    url: String,
+}
+
+impl Health {
+    /// True while the last connection attempt or command succeeded.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    fn set(&self, up: bool, why: Option<&RedisError>) {
+        let was = self.up.swap(up, Ordering::SeqCst);
+        match (was, up) {
+            (false, true) => tracing::info!(url = %self.url, "connected to Redis"),
+            (true, false) => {
+                tracing::warn!(url = %self.url, error = %why.map(|e| e.to_string()).unwrap_or_default(), "lost the Redis connection; reconnecting")
+            }
+            _ => {}
+        }
+    }
+}
+
+impl Conn {
+    fn new(client: redis::Client, response_timeout: Duration, health: Arc<Health>) -> Self {
+        Self {
+            client,
+            response_timeout,
+            slot: Mutex::new(None),
+            health,
+        }
+    }
+
+    async fn get(&self) -> Result<MultiplexedConnection> {
+        let mut slot = self.slot.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(self.response_timeout));
+        match self.client.get_multiplexed_async_connection_with_config(&config).await {
+            Ok(c) => {
+                self.health.set(true, None);
+                *slot = Some(c.clone());
+                Ok(c)
+            }
+            Err(e) => {
+                self.health.set(false, Some(&e));
+                Err(anyhow!(e).context(format!("connecting to Redis at {}", self.health.url)))
+            }
+        }
+    }
+
+    /// Note the outcome of a command: a connection-level failure drops the
+    /// connection so the next call reconnects.
+    async fn observe<T>(&self, result: Result<T, RedisError>) -> Result<T> {
+        match result {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.is_unrecoverable_error() {
+                    *self.slot.lock().await = None;
+                    self.health.set(false, Some(&e));
+                }
+                Err(anyhow!(e))
+            }
+        }
+    }
+
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        let mut c = self.get().await?;
+        let r = cmd.query_async(&mut c).await;
+        self.observe(r).await
+    }
+
+    async fn pipe<T: redis::FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T> {
+        let mut c = self.get().await?;
+        let r = pipe.query_async(&mut c).await;
+        self.observe(r).await
+    }
+
+    async fn script<T: redis::FromRedisValue>(&self, inv: &redis::ScriptInvocation<'_>) -> Result<T> {
+        let mut c = self.get().await?;
+        let r = inv.invoke_async(&mut c).await;
+        self.observe(r).await
+    }
+}
+
+/// What kind of Redis source or sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RedisKind {
+    /// A stream read by a consumer group.
+    Stream,
+    /// A list used as a reliable job queue.
+    List,
+    /// A pub/sub channel.
+    Channel,
+    /// A pub/sub channel pattern (sources only).
+    Pattern,
+}
+
+/// A Redis broker connection.
+pub struct RedisBroker {
+    client: redis::Client,
+    consumer: String,
+    commands: Arc<Conn>,
+    health: Arc<Health>,
+}
+
+impl RedisBroker {
+    /// A broker for `url` with this host's stable consumer name. Does not
+    /// connect: connections are made on first use and remade after errors.
+    pub fn new(url: &str, consumer: String) -> Result<Self> {
+        let client = redis::Client::open(url).with_context(|| format!("invalid Redis URL {url:?}"))?;
+        let health = Arc::new(Health {
+            up: AtomicBool::new(false),
+            url: redact(url),
+        });
+        let commands = Arc::new(Conn::new(client.clone(), COMMAND_TIMEOUT, health.clone()));
+        Ok(Self {
+            client,
+            consumer,
+            commands,
+            health,
+        })
+    }
+
+    /// Whether Redis is reachable right now.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// Try to connect once (at start-up, to report readiness early).
+    pub async fn probe(&self) -> Result<()> {
+        let _: String = self.commands.query(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+
+    /// A source of `kind` on `subject`. `group` is the stream consumer
+    /// group; `reclaim_after` how long a stream entry must sit idle in a dead
+    /// consumer's pending list before the janitor takes it.
+    pub fn source(&self, kind: RedisKind, subject: &str, group: &str, reclaim_after: Duration) -> Arc<dyn Source> {
+        let blocking = || {
+            Arc::new(Conn::new(
+                self.client.clone(),
+                BLOCK + COMMAND_TIMEOUT,
+                self.health.clone(),
+            ))
+        };
+        match kind {
+            RedisKind::Stream => Arc::new(StreamSource::new(
+                self.commands.clone(),
+                blocking(),
+                subject,
+                group,
+                &self.consumer,
+                reclaim_after,
+            )),
+            RedisKind::List => Arc::new(ListSource::new(
+                self.commands.clone(),
+                blocking(),
+                subject,
+                &self.consumer,
+            )),
+            RedisKind::Channel | RedisKind::Pattern => Arc::new(PubSubSource::new(
+                self.client.clone(),
+                self.commands.clone(),
+                self.health.clone(),
+                subject,
+                kind == RedisKind::Pattern,
+            )),
+        }
+    }
+
+    /// A sink publishing to streams (trimmed to about `maxlen` when given),
+    /// lists or channels.
+    pub fn sink(&self, kind: RedisKind, maxlen: Option<u64>) -> Arc<dyn Sink> {
+        Arc::new(RedisSink {
+            commands: self.commands.clone(),
+            kind,
+            maxlen,
+        })
+    }
+
+    /// Dedup marks kept in Redis, shared by every host using it.
+    pub fn dedup(&self) -> Arc<dyn DedupStore> {
+        Arc::new(RedisDedup {
+            commands: self.commands.clone(),
+        })
+    }
+}
+
+fn redact(url: &str) -> String {
+    match url.split_once('@') {
+        Some((scheme_and_auth, host)) => {
+            let scheme = scheme_and_auth.split("://").next().unwrap_or("redis");
+            format!("{scheme}://***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+// ---------------------------------------------------------------- messages
+
+/// The JSON envelope of a list job (and the fields of a stream entry).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+struct Envelope {
+    id: String,
+    #[serde(with = "payload_text")]
+    payload: Vec<u8>,
+    #[serde(default)]
+    headers: Vec<(String, String)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    content_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    reply_to: Option<String>,
+    /// Attempts made before this delivery (list jobs only).
+    #[serde(default)]
+    attempts: u32,
+    #[serde(default)]
+    published_at: u64,
+}
+
+/// Payloads are stored as text when they are UTF-8 (readable in redis-cli),
+/// else as `{"b16": "<hex>"}`.
+mod payload_text {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Repr {
+        Text(String),
+        Hex { b16: String },
+    }
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => Repr::Text(text.to_string()).serialize(s),
+            Err(_) => Repr::Hex {
+                b16: hex::encode(bytes),
+            }
+            .serialize(s),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        match Repr::deserialize(d)? {
+            Repr::Text(t) => Ok(t.into_bytes()),
+            Repr::Hex { b16 } => hex::decode(b16).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Envelope {
+    fn from_outbound(m: &OutboundMessage) -> Self {
+        Self {
+            id: m
+                .id
+                .clone()
+                .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>())),
+            payload: m.payload.to_vec(),
+            headers: m.headers.clone(),
+            content_type: m.content_type.clone(),
+            reply_to: m.reply_to.clone(),
+            attempts: 0,
+            published_at: now_ms(),
+        }
+    }
+
+    /// A list item: our envelope, or anything else pushed by a foreign
+    /// producer, whose raw text becomes the payload and whose hash the id.
+    fn from_list_item(raw: &str) -> Self {
+        serde_json::from_str(raw).unwrap_or_else(|_| {
+            use sha2::Digest;
+            Self {
+                id: hex::encode(&sha2::Sha256::digest(raw.as_bytes())[..16]),
+                payload: raw.as_bytes().to_vec(),
+                headers: vec![],
+                content_type: None,
+                reply_to: None,
+                attempts: 0,
+                published_at: 0,
+            }
+        })
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Stream entry fields.
+    fn stream_fields(&self) -> Vec<(&'static str, Vec<u8>)> {
+        let mut f = vec![
+            ("id", self.id.as_bytes().to_vec()),
+            ("payload", self.payload.clone()),
+            ("published-at", self.published_at.to_string().into_bytes()),
+        ];
+        if !self.headers.is_empty() {
+            f.push(("headers", serde_json::to_vec(&self.headers).unwrap_or_default()));
+        }
+        if let Some(ct) = &self.content_type {
+            f.push(("content-type", ct.as_bytes().to_vec()));
+        }
+        if let Some(r) = &self.reply_to {
+            f.push(("reply-to", r.as_bytes().to_vec()));
+        }
+        f
+    }
+
+    /// From stream entry fields. An entry without a `payload` field (a
+    /// foreign producer's) becomes a JSON object of its fields.
+    fn from_stream_fields(entry_id: &str, fields: &[(String, Vec<u8>)]) -> Self {
+        let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone());
+        let text = |k: &str| get(k).map(|v| String::from_utf8_lossy(&v).into_owned());
+        let payload = get("payload").unwrap_or_else(|| {
+            let obj: serde_json::Map<String, serde_json::Value> = fields
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.clone(),
+                        serde_json::Value::String(String::from_utf8_lossy(v).into_owned()),
+                    )
+                })
+                .collect();
+            serde_json::to_vec(&obj).unwrap_or_default()
+        });
+        Self {
+            id: text("id").unwrap_or_else(|| entry_id.to_string()),
+            payload,
+            headers: get("headers")
+                .and_then(|h| serde_json::from_slice(&h).ok())
+                .unwrap_or_default(),
+            content_type: text("content-type"),
+            reply_to: text("reply-to"),
+            attempts: 0,
+            published_at: text("published-at")
+                .and_then(|t| t.parse().ok())
+                .unwrap_or_else(|| entry_ms(entry_id)),
+        }
+    }
+
+    fn into_delivery(self, subject: &str, attempt: u32, acker: Box<dyn Acker>) -> Delivery {
+        Delivery {
+            id: self.id,
+            subject: subject.to_string(),
+            payload: Bytes::from(self.payload),
+            headers: self.headers,
+            content_type: self.content_type,
+            reply_to: self.reply_to,
+            attempt,
+            redelivered: attempt > 1,
+            first_seen_ms: self.published_at,
+            acker,
+        }
+    }
+}
+
+/// The millisecond part of a stream entry id (`<ms>-<seq>`).
+fn entry_ms(entry_id: &str) -> u64 {
+    entry_id.split('-').next().and_then(|ms| ms.parse().ok()).unwrap_or(0)
+}
+
+// ---------------------------------------------------------------- reply parsing
+
+/// A stream entry: its id and its fields.
+type Entry = (String, Vec<(String, Vec<u8>)>);
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        _ => None,
+    }
+}
+
+fn array(v: &Value) -> &[Value] {
+    match v {
+        Value::Array(items) | Value::Set(items) => items,
+        _ => &[],
+    }
+}
+
+/// `[[id, [field, value, ...]], ...]` → entries (nil entries — deleted while
+/// pending — are returned with no fields so they can be acked away).
+fn parse_entries(v: &Value) -> Vec<Entry> {
+    array(v)
+        .iter()
+        .filter_map(|e| {
+            let parts = array(e);
+            let id = text(parts.first()?)?;
+            let kv = parts.get(1).map(array).unwrap_or(&[]);
+            let fields = kv
+                .chunks(2)
+                .filter_map(|pair| match pair {
+                    [k, Value::BulkString(val)] => Some((text(k)?, val.clone())),
+                    [k, other] => Some((text(k)?, text(other)?.into_bytes())),
+                    _ => None,
+                })
+                .collect();
+            Some((id, fields))
+        })
+        .collect()
+}
+
+/// XREADGROUP reply (RESP2: `[[stream, entries]]`, or nil).
+fn parse_read(v: &Value) -> Vec<Entry> {
+    match v {
+        Value::Map(streams) => streams.iter().flat_map(|(_, entries)| parse_entries(entries)).collect(),
+        _ => array(v)
+            .iter()
+            .flat_map(|s| array(s).get(1).map(parse_entries).unwrap_or_default())
+            .collect(),
+    }
+}
+
+// ---------------------------------------------------------------- streams
+
+struct StreamSource {
+    inner: Arc<StreamShared>,
+    blocking: Arc<Conn>,
+    state: Mutex<StreamState>,
+}
+
+struct StreamShared {
+    commands: Arc<Conn>,
+    stream: String,
+    group: String,
+    consumer: String,
+    reclaim_after: Duration,
+    acks: mpsc::UnboundedSender<(String, oneshot::Sender<Result<()>>)>,
+    /// Retries waiting for their delay: (due, entry id) → next attempt. The
+    /// entry itself stays pending in Redis, so a crash loses only the timer:
+    /// a restart re-reads it, or another host's janitor reclaims it.
+    retries: std::sync::Mutex<BTreeMap<(Instant, String), u32>>,
+}
+
+#[derive(Default)]
+struct StreamState {
+    group_ready: bool,
+    /// Own pending entries from a previous run have been re-read.
+    recovered: bool,
+    /// How far the re-read of our own pending entries has got.
+    recovery_cursor: Option<String>,
+    last_janitor: Option<Instant>,
+}
+
+impl StreamShared {
+    fn retries(&self) -> std::sync::MutexGuard<'_, BTreeMap<(Instant, String), u32>> {
+        self.retries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl StreamSource {
+    fn new(
+        commands: Arc<Conn>,
+        blocking: Arc<Conn>,
+        stream: &str,
+        group: &str,
+        consumer: &str,
+        reclaim_after: Duration,
+    ) -> Self {
+        let (acks, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(StreamShared {
+            commands,
+            stream: stream.to_string(),
+            group: group.to_string(),
+            consumer: consumer.to_string(),
+            reclaim_after,
+            acks,
+            retries: Default::default(),
+        });
+        tokio::spawn(ack_batcher(Arc::downgrade(&inner), rx));
+        Self {
+            inner,
+            blocking,
+            state: Mutex::new(StreamState::default()),
+        }
+    }
+
+    async fn ensure_group(&self, state: &mut StreamState) -> Result<()> {
+        if state.group_ready {
+            return Ok(());
+        }
+        let s = &self.inner;
+        // From the start of the stream: a backlog written before the first
+        // host started is work too.
+        let r: Result<String> = s
+            .commands
+            .query(
+                redis::cmd("XGROUP")
+                    .arg("CREATE")
+                    .arg(&s.stream)
+                    .arg(&s.group)
+                    .arg("0")
+                    .arg("MKSTREAM"),
+            )
+            .await;
+        match r {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("BUSYGROUP") => {}
+            Err(e) => return Err(e.context(format!("creating consumer group {} on stream {}", s.group, s.stream))),
+        }
+        state.group_ready = true;
+        Ok(())
+    }
+
+    /// Delivery counts of entries pending for this consumer, by id.
+    async fn delivery_counts(&self, ids: &[String]) -> Result<std::collections::HashMap<String, u32>> {
+        let s = &self.inner;
+        let mut out = std::collections::HashMap::new();
+        if ids.is_empty() {
+            return Ok(out);
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("XPENDING")
+                .arg(&s.stream)
+                .arg(&s.group)
+                .arg(id)
+                .arg(id)
+                .arg(1)
+                .arg(&s.consumer);
+        }
+        let replies: Vec<Value> = s.commands.pipe(&pipe).await?;
+        for reply in &replies {
+            for row in array(reply) {
+                let r = array(row);
+                if let (Some(id), Some(Value::Int(n))) = (r.first().and_then(text), r.get(3)) {
+                    out.insert(id, *n as u32);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn deliveries(&self, entries: Vec<Entry>, attempt_of: impl Fn(&str) -> u32) -> (Vec<Delivery>, Vec<String>) {
+        let mut out = Vec::new();
+        let mut deleted = Vec::new();
+        for (entry_id, fields) in entries {
+            if fields.is_empty() {
+                // Deleted (e.g. trimmed) while pending: nothing to deliver.
+                deleted.push(entry_id);
+                continue;
+            }
+            let attempt = attempt_of(&entry_id).max(1);
+            let env = Envelope::from_stream_fields(&entry_id, &fields);
+            let acker = Box::new(StreamAcker {
+                shared: self.inner.clone(),
+                entry_id,
+                attempt,
+            });
+            out.push(env.into_delivery(&self.inner.stream, attempt, acker));
+        }
+        (out, deleted)
+    }
+
+    async fn ack_ids(&self, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let s = &self.inner;
+        let _: i64 = s
+            .commands
+            .query(redis::cmd("XACK").arg(&s.stream).arg(&s.group).arg(ids))
+            .await?;
+        Ok(())
+    }
+
+    async fn claim(&self, ids: &[String], min_idle: Duration) -> Result<Vec<Entry>> {
+        let s = &self.inner;
+        let reply: Value = s
+            .commands
+            .query(
+                redis::cmd("XCLAIM")
+                    .arg(&s.stream)
+                    .arg(&s.group)
+                    .arg(&s.consumer)
+                    .arg(min_idle.as_millis() as u64)
+                    .arg(ids),
+            )
+            .await?;
+        Ok(parse_entries(&reply))
+    }
+}
+
+#[async_trait]
+impl Source for StreamSource {
+    async fn receive(&self, max: usize, _lease: Duration) -> Result<Vec<Delivery>> {
+        let mut state = self.state.lock().await;
+        self.ensure_group(&mut state).await?;
+        let s = &self.inner;
+
+        if !state.recovered {
+            // Our own pending entries from before a restart.
+            let reply: Value = s
+                .commands
+                .query(
+                    redis::cmd("XREADGROUP")
+                        .arg("GROUP")
+                        .arg(&s.group)
+                        .arg(&s.consumer)
+                        .arg("COUNT")
+                        .arg(max)
+                        .arg("STREAMS")
+                        .arg(&s.stream)
+                        .arg(state.recovery_cursor.as_deref().unwrap_or("0")),
+                )
+                .await?;
+            let entries = parse_read(&reply);
+            if entries.is_empty() {
+                state.recovered = true;
+            } else {
+                state.recovery_cursor = entries.last().map(|(id, _)| id.clone());
+                let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
+                let counts = self.delivery_counts(&ids).await?;
+                let (out, deleted) = self.deliveries(entries, |id| counts.get(id).copied().unwrap_or(1));
+                self.ack_ids(&deleted).await?;
+                tracing::info!(stream = %s.stream, consumer = %s.consumer, count = out.len(), "re-delivering this consumer's pending entries");
+                if !out.is_empty() {
+                    return Ok(out);
+                }
+            }
+        }
+
+        // Retries whose delay has passed.
+        let now = Instant::now();
+        let mut due = Vec::new();
+        {
+            let mut retries = s.retries();
+            while due.len() < max && retries.first_key_value().is_some_and(|((at, _), _)| *at <= now) {
+                if let Some(((_, id), attempt)) = retries.pop_first() {
+                    due.push((id, attempt));
+                }
+            }
+        }
+        if !due.is_empty() {
+            let ids: Vec<String> = due.iter().map(|(id, _)| id.clone()).collect();
+            let entries = self.claim(&ids, Duration::ZERO).await?;
+            let (out, deleted) = self.deliveries(entries, |id| {
+                due.iter().find(|(d, _)| d == id).map(|(_, a)| *a).unwrap_or(1)
+            });
+            self.ack_ids(&deleted).await?;
+            if !out.is_empty() {
+                return Ok(out);
+            }
+        }
+
+        // The janitor: entries a dead consumer left idle.
+        let janitor_every = (s.reclaim_after / 4).max(Duration::from_millis(500));
+        if state.last_janitor.is_none_or(|t| t.elapsed() >= janitor_every) {
+            state.last_janitor = Some(Instant::now());
+            let reply: Value = s
+                .commands
+                .query(
+                    redis::cmd("XAUTOCLAIM")
+                        .arg(&s.stream)
+                        .arg(&s.group)
+                        .arg(&s.consumer)
+                        .arg(s.reclaim_after.as_millis() as u64)
+                        .arg("0-0")
+                        .arg("COUNT")
+                        .arg(max),
+                )
+                .await?;
+            let parts = array(&reply);
+            let entries = parts.get(1).map(parse_entries).unwrap_or_default();
+            if !entries.is_empty() {
+                let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
+                let counts = self.delivery_counts(&ids).await?;
+                let (out, deleted) = self.deliveries(entries, |id| counts.get(id).copied().unwrap_or(1));
+                self.ack_ids(&deleted).await?;
+                if !out.is_empty() {
+                    tracing::info!(stream = %s.stream, count = out.len(), "reclaimed entries idle in a dead consumer");
+                    return Ok(out);
+                }
+            }
+        }
+
+        // New entries; block no longer than until the next retry is due.
+        let block = s
+            .retries()
+            .first_key_value()
+            .map(|((at, _), _)| at.saturating_duration_since(Instant::now()))
+            .unwrap_or(BLOCK)
+            .clamp(Duration::from_millis(1), BLOCK);
+        drop(state);
+        let mut conn = self.blocking.get().await?;
+        let reply = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&s.group)
+            .arg(&s.consumer)
+            .arg("COUNT")
+            .arg(max)
+            .arg("BLOCK")
+            .arg(block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(&s.stream)
+            .arg(">")
+            .query_async::<Value>(&mut conn)
+            .await;
+        let reply = self.blocking.observe(reply).await?;
+        let (out, _) = self.deliveries(parse_read(&reply), |_| 1);
+        Ok(out)
+    }
+}
+
+/// Folds concurrent acks into one `XACK` per round trip.
+async fn ack_batcher(
+    shared: std::sync::Weak<StreamShared>,
+    mut rx: mpsc::UnboundedReceiver<(String, oneshot::Sender<Result<()>>)>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1024 {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        let Some(s) = shared.upgrade() else { return };
+        let ids: Vec<&String> = batch.iter().map(|(id, _)| id).collect();
+        let result: Result<i64> = s
+            .commands
+            .query(redis::cmd("XACK").arg(&s.stream).arg(&s.group).arg(ids))
+            .await;
+        let err = result.err().map(|e| format!("{e:#}"));
+        for (_, done) in batch {
+            let _ = done.send(match &err {
+                None => Ok(()),
+                Some(e) => Err(anyhow!("XACK failed: {e}")),
+            });
+        }
+    }
+}
+
+struct StreamAcker {
+    shared: Arc<StreamShared>,
+    entry_id: String,
+    attempt: u32,
+}
+
+#[async_trait]
+impl Acker for StreamAcker {
+    async fn ack(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .acks
+            .send((self.entry_id.clone(), tx))
+            .map_err(|_| anyhow!("stream acker stopped"))?;
+        rx.await.map_err(|_| anyhow!("stream acker dropped an ack"))?
+    }
+
+    async fn retry(&self, delay: Duration) -> Result<()> {
+        // Leave the entry pending and claim it back when the delay is over;
+        // the claim bumps its delivery counter, which is the attempt.
+        self.shared
+            .retries()
+            .insert((Instant::now() + delay, self.entry_id.clone()), self.attempt + 1);
+        Ok(())
+    }
+
+    async fn dead_letter(&self, queue: &str, headers: Vec<(String, String)>) -> Result<()> {
+        let s = &self.shared;
+        // Copy the entry with the dead-letter headers, then ack, atomically.
+        let reply: Value = s
+            .commands
+            .query(
+                redis::cmd("XRANGE")
+                    .arg(&s.stream)
+                    .arg(&self.entry_id)
+                    .arg(&self.entry_id),
+            )
+            .await?;
+        let entries = parse_entries(&reply);
+        let mut env = match entries.first() {
+            Some((id, fields)) => Envelope::from_stream_fields(id, fields),
+            None => bail!(
+                "entry {} of stream {} is gone; cannot dead-letter it",
+                self.entry_id,
+                s.stream
+            ),
+        };
+        env.headers.extend(headers);
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(queue).arg("*");
+        for (k, v) in env.stream_fields() {
+            xadd.arg(k).arg(v);
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic().add_command(xadd).ignore();
+        pipe.cmd("XACK")
+            .arg(&s.stream)
+            .arg(&s.group)
+            .arg(&self.entry_id)
+            .ignore();
+        let _: () = s.commands.pipe(&pipe).await?;
+        Ok(())
+    }
+
+    async fn release(&self) -> Result<()> {
+        // Stays pending for this consumer: re-read on restart (the attempt
+        // is counted), or reclaimed by another host's janitor.
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- lists
+
+struct ListSource {
+    commands: Arc<Conn>,
+    blocking: Arc<Conn>,
+    keys: Arc<ListKeys>,
+    started: AtomicBool,
+}
+
+/// Jobs of this host's processing list that an attempt holds right now (raw
+/// item → count). Anything else in the processing list is an orphan: its
+/// settle failed (Redis was unreachable) and it must go back to the queue.
+type InFlight = Arc<std::sync::Mutex<HashMap<String, usize>>>;
+
+fn in_flight_lock(map: &InFlight) -> std::sync::MutexGuard<'_, HashMap<String, usize>> {
+    map.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct ListKeys {
+    queue: String,
+    processing: String,
+    heartbeat: String,
+    consumers: String,
+    delayed: String,
+    consumer: String,
+    in_flight: InFlight,
+}
+
+/// How long a list consumer's heartbeat lives; refreshed every third of it.
+const HEARTBEAT_TTL: Duration = Duration::from_secs(15);
+
+/// Move ARGV[1] from the processing list KEYS[1] back to the queue KEYS[2] as
+/// ARGV[2] (its attempt counted), if it is still there.
+const RETURN_ORPHAN: &str = r#"
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return 1
+"#;
+
+/// Return every item of consumer ARGV[1]'s processing list KEYS[1] to the
+/// queue KEYS[2], counting the interrupted attempt, if its heartbeat KEYS[3]
+/// is gone (or ARGV[2] == "self"). Removes it from the consumer set KEYS[4].
+const REAP: &str = r#"
+if ARGV[2] ~= 'self' and redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+local n = 0
+while true do
+  local item = redis.call('RPOP', KEYS[1])
+  if not item then break end
+  local ok, job = pcall(cjson.decode, item)
+  if ok and type(job) == 'table' and job['id'] then
+    job['attempts'] = (job['attempts'] or 0) + 1
+    item = cjson.encode(job)
+  end
+  redis.call('RPUSH', KEYS[2], item)
+  n = n + 1
+end
+if ARGV[2] ~= 'self' then redis.call('SREM', KEYS[4], ARGV[1]) end
+return n
+"#;
+
+/// Move due jobs from the delayed set KEYS[1] to the queue KEYS[2], by
+/// Redis' clock.
+const PROMOTE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, 256)
+for _, item in ipairs(due) do
+  redis.call('ZREM', KEYS[1], item)
+  redis.call('LPUSH', KEYS[2], item)
+end
+return #due
+"#;
+
+/// Remove ARGV[1] from the processing list KEYS[1]; if it was there, act:
+/// ARGV[2] = 'ack' | 'retry' (ZADD KEYS[2] at now + ARGV[4] ms the item
+/// ARGV[3]) | 'dead' (LPUSH KEYS[2] ARGV[3]) | 'release' (RPUSH KEYS[2]
+/// ARGV[1]). Returns 1 when done, 0 when the item was no longer held.
+const SETTLE: &str = r#"
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+local op = ARGV[2]
+if op == 'retry' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), ARGV[3])
+elseif op == 'dead' then
+  redis.call('LPUSH', KEYS[2], ARGV[3])
+elseif op == 'release' then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+end
+return 1
+"#;
+
+impl ListSource {
+    fn new(commands: Arc<Conn>, blocking: Arc<Conn>, queue: &str, consumer: &str) -> Self {
+        let keys = Arc::new(ListKeys {
+            queue: queue.to_string(),
+            processing: format!("{queue}:processing:{consumer}"),
+            heartbeat: format!("{queue}:consumer:{consumer}"),
+            consumers: format!("{queue}:consumers"),
+            delayed: format!("{queue}:delayed"),
+            consumer: consumer.to_string(),
+            in_flight: Default::default(),
+        });
+        Self {
+            commands,
+            blocking,
+            keys,
+            started: AtomicBool::new(false),
+        }
+    }
+
+    async fn start(&self) -> Result<()> {
+        let k = &self.keys;
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&k.heartbeat)
+            .arg(1)
+            .arg("PX")
+            .arg(HEARTBEAT_TTL.as_millis() as u64)
+            .ignore();
+        pipe.cmd("SADD").arg(&k.consumers).arg(&k.consumer).ignore();
+        let _: () = self.commands.pipe(&pipe).await?;
+        // Our own processing list from before a restart goes back first.
+        let n: i64 = self
+            .commands
+            .script(
+                Script::new(REAP)
+                    .key(&k.processing)
+                    .key(&k.queue)
+                    .key(&k.heartbeat)
+                    .key(&k.consumers)
+                    .arg(&k.consumer)
+                    .arg("self"),
+            )
+            .await?;
+        if n > 0 {
+            tracing::info!(queue = %k.queue, consumer = %k.consumer, returned = n, "returned this consumer's unfinished jobs to the queue");
+        }
+        tokio::spawn(list_maintenance(Arc::downgrade(&self.keys), self.commands.clone()));
+        self.started.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn delivery(&self, raw: String) -> Delivery {
+        *in_flight_lock(&self.keys.in_flight).entry(raw.clone()).or_default() += 1;
+        let env = Envelope::from_list_item(&raw);
+        let attempt = env.attempts + 1;
+        let acker = Box::new(ListAcker {
+            commands: self.commands.clone(),
+            keys: self.keys.clone(),
+            raw,
+            env: env.clone(),
+        });
+        env.into_delivery(&self.keys.queue, attempt, acker)
+    }
+}
+
+/// Heartbeat, reaper of dead consumers and promoter of delayed jobs, for as
+/// long as the source lives.
+async fn list_maintenance(keys: std::sync::Weak<ListKeys>, commands: Arc<Conn>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut last_beat = Instant::now();
+    let mut last_reap = Instant::now();
+    let mut last_orphans = Instant::now();
+    let mut suspects: std::collections::HashSet<String> = Default::default();
+    loop {
+        tick.tick().await;
+        let Some(k) = keys.upgrade() else { return };
+        if last_orphans.elapsed() >= ORPHAN_CHECK {
+            last_orphans = Instant::now();
+            match return_orphans(&k, &commands, &suspects).await {
+                Ok(next) => suspects = next,
+                Err(e) => tracing::debug!(queue = %k.queue, error = %format!("{e:#}"), "orphan check failed"),
+            }
+        }
+        if let Err(e) = commands
+            .script::<i64>(Script::new(PROMOTE).key(&k.delayed).key(&k.queue))
+            .await
+        {
+            tracing::debug!(queue = %k.queue, error = %format!("{e:#}"), "promoting delayed jobs failed");
+            continue;
+        }
+        if last_beat.elapsed() >= HEARTBEAT_TTL / 3 {
+            last_beat = Instant::now();
+            let mut pipe = redis::pipe();
+            pipe.cmd("SET")
+                .arg(&k.heartbeat)
+                .arg(1)
+                .arg("PX")
+                .arg(HEARTBEAT_TTL.as_millis() as u64)
+                .ignore();
+            pipe.cmd("SADD").arg(&k.consumers).arg(&k.consumer).ignore();
+            let _ = commands.pipe::<()>(&pipe).await;
+        }
+        if last_reap.elapsed() >= HEARTBEAT_TTL / 3 {
+            last_reap = Instant::now();
+            let Ok(members) = commands
+                .query::<Vec<String>>(redis::cmd("SMEMBERS").arg(&k.consumers))
+                .await
+            else {
+                continue;
+            };
+            for other in members.into_iter().filter(|c| *c != k.consumer) {
+                let processing = format!("{}:processing:{other}", k.queue);
+                let heartbeat = format!("{}:consumer:{other}", k.queue);
+                match commands
+                    .script::<i64>(
+                        Script::new(REAP)
+                            .key(&processing)
+                            .key(&k.queue)
+                            .key(&heartbeat)
+                            .key(&k.consumers)
+                            .arg(&other)
+                            .arg("other"),
+                    )
+                    .await
+                {
+                    Ok(n) if n > 0 => {
+                        tracing::warn!(queue = %k.queue, dead_consumer = %other, returned = n, "returned a dead consumer's jobs to the queue")
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}
+
+/// How often the processing list is checked for orphans; an item must be
+/// seen orphaned twice in a row before it is returned.
+const ORPHAN_CHECK: Duration = Duration::from_secs(5);
+
+/// Return items of this consumer's processing list that no attempt holds and
+/// that were already suspects last time; return the new suspects.
+async fn return_orphans(
+    k: &ListKeys,
+    commands: &Conn,
+    suspects: &std::collections::HashSet<String>,
+) -> Result<std::collections::HashSet<String>> {
+    let items: Vec<String> = commands
+        .query(redis::cmd("LRANGE").arg(&k.processing).arg(0).arg(-1))
+        .await?;
+    let held = in_flight_lock(&k.in_flight).clone();
+    let mut next = std::collections::HashSet::new();
+    for item in items.into_iter().filter(|i| !held.contains_key(i)) {
+        if suspects.contains(&item) {
+            let mut env = Envelope::from_list_item(&item);
+            env.attempts += 1;
+            let n: i64 = commands
+                .script(
+                    Script::new(RETURN_ORPHAN)
+                        .key(&k.processing)
+                        .key(&k.queue)
+                        .arg(&item)
+                        .arg(env.to_json()),
+                )
+                .await?;
+            if n > 0 {
+                tracing::warn!(queue = %k.queue, message_id = %env.id, "returned a job whose settle had failed to the queue");
+            }
+        } else {
+            next.insert(item);
+        }
+    }
+    Ok(next)
+}
+
+#[async_trait]
+impl Source for ListSource {
+    async fn receive(&self, max: usize, _lease: Duration) -> Result<Vec<Delivery>> {
+        if !self.started.load(Ordering::SeqCst) {
+            self.start().await?;
+        }
+        let k = &self.keys;
+        let mut conn = self.blocking.get().await?;
+        let first: Result<Option<String>, RedisError> = redis::cmd("BLMOVE")
+            .arg(&k.queue)
+            .arg(&k.processing)
+            .arg("RIGHT")
+            .arg("LEFT")
+            .arg(BLOCK.as_secs_f64())
+            .query_async(&mut conn)
+            .await;
+        let Some(first) = self.blocking.observe(first).await? else {
+            return Ok(vec![]);
+        };
+        let mut items = vec![first];
+        if max > 1 {
+            let mut pipe = redis::pipe();
+            for _ in 1..max {
+                pipe.cmd("LMOVE")
+                    .arg(&k.queue)
+                    .arg(&k.processing)
+                    .arg("RIGHT")
+                    .arg("LEFT");
+            }
+            let more: Vec<Option<String>> = self.commands.pipe(&pipe).await?;
+            items.extend(more.into_iter().flatten());
+        }
+        Ok(items.into_iter().map(|raw| self.delivery(raw)).collect())
+    }
+}
+
+struct ListAcker {
+    commands: Arc<Conn>,
+    keys: Arc<ListKeys>,
+    raw: String,
+    env: Envelope,
+}
+
+impl Drop for ListAcker {
+    /// The attempt is over, settled or not: the item is no longer held.
+    fn drop(&mut self) {
+        let mut map = in_flight_lock(&self.keys.in_flight);
+        if let Some(n) = map.get_mut(&self.raw) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.raw);
+            }
+        }
+    }
+}
+
+impl ListAcker {
+    async fn settle(&self, op: &str, target: &str, item: &str, delay_ms: u64) -> Result<()> {
+        let done: i64 = self
+            .commands
+            .script(
+                Script::new(SETTLE)
+                    .key(&self.keys.processing)
+                    .key(target)
+                    .arg(&self.raw)
+                    .arg(op)
+                    .arg(item)
+                    .arg(delay_ms),
+            )
+            .await?;
+        if done == 0 {
+            bail!(
+                "job {} is no longer in {} (returned to the queue by a reaper?); its {op} was not applied",
+                self.env.id,
+                self.keys.processing
+            );
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Acker for ListAcker {
+    async fn ack(&self) -> Result<()> {
+        self.settle("ack", &self.keys.queue, "", 0).await
+    }
+
+    async fn retry(&self, delay: Duration) -> Result<()> {
+        let mut next = self.env.clone();
+        next.attempts += 1;
+        self.settle("retry", &self.keys.delayed, &next.to_json(), delay.as_millis() as u64)
+            .await
+    }
+
+    async fn dead_letter(&self, queue: &str, headers: Vec<(String, String)>) -> Result<()> {
+        let mut dead = self.env.clone();
+        dead.attempts += 1;
+        dead.headers.extend(headers);
+        self.settle("dead", queue, &dead.to_json(), 0).await
+    }
+
+    async fn release(&self) -> Result<()> {
+        self.settle("release", &self.keys.queue, "", 0).await
+    }
+}
+
+// ---------------------------------------------------------------- pub/sub
+
+struct PubSubSource {
+    client: redis::Client,
+    commands: Arc<Conn>,
+    health: Arc<Health>,
+    channel: String,
+    pattern: bool,
+    local: Arc<Mutex<Option<LocalQueue>>>,
+}
+
+struct LocalQueue {
+    tx: mpsc::UnboundedSender<(Envelope, u32)>,
+    rx: mpsc::UnboundedReceiver<(Envelope, u32)>,
+}
+
+impl PubSubSource {
+    fn new(client: redis::Client, commands: Arc<Conn>, health: Arc<Health>, channel: &str, pattern: bool) -> Self {
+        Self {
+            client,
+            commands,
+            health,
+            channel: channel.to_string(),
+            pattern,
+            local: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    fn start(&self) -> LocalQueue {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(subscriber(
+            self.client.clone(),
+            self.health.clone(),
+            self.channel.clone(),
+            self.pattern,
+            tx.downgrade(),
+        ));
+        LocalQueue { tx, rx }
+    }
+}
+
+/// Keep a subscription alive, forwarding messages, until the source is gone.
+async fn subscriber(
+    client: redis::Client,
+    health: Arc<Health>,
+    channel: String,
+    pattern: bool,
+    tx: mpsc::WeakUnboundedSender<(Envelope, u32)>,
+) {
+    use futures_util::StreamExt;
+    let mut failures = 0u32;
+    loop {
+        let subscribed = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            if pattern {
+                pubsub.psubscribe(&channel).await?
+            } else {
+                pubsub.subscribe(&channel).await?
+            }
+            Ok::<_, RedisError>(pubsub)
+        };
+        match subscribed.await {
+            Ok(pubsub) => {
+                failures = 0;
+                health.set(true, None);
+                let mut messages = pubsub.into_on_message();
+                while let Some(msg) = messages.next().await {
+                    let Some(tx) = tx.upgrade() else { return };
+                    let env = Envelope {
+                        id: format!("{:032x}", rand::random::<u128>()),
+                        payload: msg.get_payload_bytes().to_vec(),
+                        headers: vec![("channel".into(), msg.get_channel_name().to_string())],
+                        content_type: None,
+                        reply_to: None,
+                        attempts: 0,
+                        published_at: now_ms(),
+                    };
+                    let _ = tx.send((env, 1));
+                }
+                health.set(false, None);
+            }
+            Err(e) => health.set(false, Some(&e)),
+        }
+        if tx.upgrade().is_none() {
+            return;
+        }
+        failures = failures.saturating_add(1);
+        tokio::time::sleep(backoff(failures)).await;
+    }
+}
+
+/// Capped, jittered exponential backoff for reconnects.
+fn backoff(failures: u32) -> Duration {
+    let ceiling = Duration::from_millis(100 * 2u64.pow(failures.min(6))).min(Duration::from_secs(5));
+    ceiling / 2 + (ceiling / 2).mul_f64(rand::random::<f64>())
+}
+
+#[async_trait]
+impl Source for PubSubSource {
+    async fn receive(&self, max: usize, _lease: Duration) -> Result<Vec<Delivery>> {
+        let mut guard = self.local.lock().await;
+        if guard.is_none() {
+            *guard = Some(self.start());
+        }
+        let Some(queue) = guard.as_mut() else { return Ok(vec![]) };
+        let mut out = Vec::new();
+        let first = tokio::time::timeout(BLOCK, queue.rx.recv()).await;
+        let Ok(Some(first)) = first else { return Ok(out) };
+        let mut items = vec![first];
+        while items.len() < max {
+            match queue.rx.try_recv() {
+                Ok(item) => items.push(item),
+                Err(_) => break,
+            }
+        }
+        for (env, attempt) in items {
+            let acker = Box::new(PubSubAcker {
+                commands: self.commands.clone(),
+                env: env.clone(),
+                attempt,
+                requeue: queue.tx.clone(),
+            });
+            out.push(env.into_delivery(&self.channel, attempt, acker));
+        }
+        Ok(out)
+    }
+}
+
+struct PubSubAcker {
+    commands: Arc<Conn>,
+    env: Envelope,
+    attempt: u32,
+    requeue: mpsc::UnboundedSender<(Envelope, u32)>,
+}
+
+#[async_trait]
+impl Acker for PubSubAcker {
+    async fn ack(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn retry(&self, delay: Duration) -> Result<()> {
+        // In memory: pub/sub has nothing to redeliver from.
+        let (tx, env, next) = (self.requeue.clone(), self.env.clone(), self.attempt + 1);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send((env, next));
+        });
+        Ok(())
+    }
+
+    async fn dead_letter(&self, queue: &str, headers: Vec<(String, String)>) -> Result<()> {
+        let mut env = self.env.clone();
+        env.headers.extend(headers);
+        RedisSink::xadd(&self.commands, queue, &env, None).await
+    }
+
+    async fn release(&self) -> Result<()> {
+        tracing::warn!(message_id = %self.env.id, "pub/sub message dropped on shutdown (pub/sub is at-most-once)");
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- sink, dedup
+
+struct RedisSink {
+    commands: Arc<Conn>,
+    kind: RedisKind,
+    maxlen: Option<u64>,
+}
+
+impl RedisSink {
+    fn xadd_cmd(key: &str, env: &Envelope, maxlen: Option<u64>) -> redis::Cmd {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(key);
+        if let Some(n) = maxlen {
+            cmd.arg("MAXLEN").arg("~").arg(n);
+        }
+        cmd.arg("*");
+        for (k, v) in env.stream_fields() {
+            cmd.arg(k).arg(v);
+        }
+        cmd
+    }
+
+    async fn xadd(commands: &Conn, key: &str, env: &Envelope, maxlen: Option<u64>) -> Result<()> {
+        let _: String = commands.query(&Self::xadd_cmd(key, env, maxlen)).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Sink for RedisSink {
+    async fn publish(&self, messages: Vec<OutboundMessage>) -> Result<()> {
+        let mut pipe = redis::pipe();
+        let mut delayed = Vec::new();
+        for m in &messages {
+            let env = Envelope::from_outbound(m);
+            match self.kind {
+                RedisKind::Stream => {
+                    pipe.add_command(Self::xadd_cmd(&m.subject, &env, self.maxlen)).ignore();
+                }
+                RedisKind::List if !m.delay.is_zero() => delayed.push((m, env)),
+                RedisKind::List => {
+                    pipe.cmd("LPUSH").arg(&m.subject).arg(env.to_json()).ignore();
+                }
+                RedisKind::Channel | RedisKind::Pattern => {
+                    pipe.cmd("PUBLISH").arg(&m.subject).arg(m.payload.as_ref()).ignore();
+                }
+            }
+        }
+        let _: () = self.commands.pipe(&pipe).await?;
+        for (m, env) in delayed {
+            // Due by Redis' clock, like retries.
+            let _: i64 = self
+                .commands
+                .script(
+                    Script::new(
+                        "local t = redis.call('TIME') return redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2]), ARGV[1])",
+                    )
+                    .key(format!("{}:delayed", m.subject))
+                    .arg(env.to_json())
+                    .arg(m.delay.as_millis() as u64),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+struct RedisDedup {
+    commands: Arc<Conn>,
+}
+
+fn dedup_key(handler: &str, id: &str) -> String {
+    format!("wharf:dedup:{handler}:{id}")
+}
+
+#[async_trait]
+impl DedupStore for RedisDedup {
+    async fn claim(&self, handler: &str, id: &str, lease: Duration) -> Result<Claim> {
+        let key = dedup_key(handler, id);
+        let set: Option<String> = self
+            .commands
+            .query(
+                redis::cmd("SET")
+                    .arg(&key)
+                    .arg("claimed")
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(lease.as_millis().max(1) as u64),
+            )
+            .await?;
+        if set.is_some() {
+            return Ok(Claim::Acquired);
+        }
+        let current: Option<String> = self.commands.query(redis::cmd("GET").arg(&key)).await?;
+        Ok(match current.as_deref() {
+            Some("claimed") => Claim::Busy,
+            // Gone between the two calls (expired): someone else may claim
+            // it now; come back later rather than race.
+            None => Claim::Busy,
+            // "done", or a mark written by anything else: handled.
+            Some(_) => Claim::Done,
+        })
+    }
+
+    async fn finish(&self, handler: &str, id: &str, ttl: Duration) -> Result<()> {
+        let _: () = self
+            .commands
+            .query(
+                redis::cmd("SET")
+                    .arg(dedup_key(handler, id))
+                    .arg("done")
+                    .arg("PX")
+                    .arg(ttl.as_millis().max(1) as u64),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn abandon(&self, handler: &str, id: &str) -> Result<()> {
+        let _: i64 = self
+            .commands
+            .script(
+                &Script::new(
+                    "if redis.call('GET', KEYS[1]) == 'claimed' then return redis.call('DEL', KEYS[1]) end return 0",
+                )
+                .key(dedup_key(handler, id)),
+            )
+            .await?;
+        Ok(())
+    }
+}
