@@ -673,3 +673,63 @@ async fn redis_restart_mid_load_the_host_recovers() -> Result {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn redis_example_pipeline_runs_end_to_end() -> Result {
+    if Command::new("redis-server").arg("--version").output().is_err() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("redis-server is required in CI");
+        }
+        eprintln!("SKIPPED: no redis-server binary to start a private server");
+        return Ok(());
+    }
+    // The example uses fixed key names, so it gets a Redis of its own.
+    let server = PrivateRedis::start(tempfile::tempdir()?, free_port())?;
+    let mut c = wait_connect(&server.url()).await;
+    let guests = guests().display().to_string();
+    let text = std::fs::read_to_string(workspace().join("examples/redis/wharf.toml"))?
+        .replace("../../target/redis-example-data", "data")
+        .replace("127.0.0.1:8481", "127.0.0.1:0")
+        .replace("redis://127.0.0.1:6379", &server.url())
+        .replace("../../target/guests/wasm32-wasip2/guest", &guests)
+        .replace("initial_delay_ms = 200", "initial_delay_ms = 10");
+    let setup = Setup::new("")?;
+    std::fs::write(&setup.manifest, text)?;
+    let (code, out, _) = wharf(&["check", &setup.manifest.display().to_string()])?;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("validate-live-order.source.kind: Redis pub/sub is at-most-once"),
+        "{out}"
+    );
+    let host = setup.start().await?;
+    let order =
+        |id: &str| format!(r#"{{"id":"{id}","customer":"ada","items":[{{"sku":"pear","qty":2,"price_cents":75}}]}}"#);
+    xadd(&mut c, "orders", "o-1", &order("o-1")).await;
+    xadd(&mut c, "orders", "o-2", &order("o-2")).await;
+    xadd(&mut c, "orders", "o-bad", r#"{"id":"o-bad","customer":"x","items":[]}"#).await;
+    host.wait_for("the live subscription", LONG, || {
+        let mut c = c.clone();
+        async move {
+            let n: Vec<(String, u64)> = redis::cmd("PUBSUB")
+                .arg("NUMSUB")
+                .arg("orders.live")
+                .query_async(&mut c)
+                .await?;
+            Ok(n.first().is_some_and(|(_, n)| *n >= 1))
+        }
+    })
+    .await?;
+    let _: () = c.publish("orders.live", order("o-3")).await?;
+    host.wait_for("three payments", LONG, || async {
+        Ok(host.outcome_count("charge-payment", "acked").await? == 3)
+    })
+    .await?;
+    let dead = xrange(&mut c, "orders:dead").await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["id"], "o-bad");
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    assert_eq!(db.counter("shop", "payments:charged"), 3);
+    assert_eq!(db.counter("shop", "reserved:pear"), 6);
+    Ok(())
+}

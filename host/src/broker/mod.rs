@@ -111,6 +111,14 @@ pub trait Sink: Send + Sync {
     async fn publish(&self, messages: Vec<OutboundMessage>) -> Result<()>;
 }
 
+/// How long to wait before reconnecting or receiving again after `failures`
+/// failures in a row: exponential from 100 ms, capped at 5 s, with equal
+/// jitter so that many consumers do not hammer a recovering broker in step.
+pub fn reconnect_backoff(failures: u32) -> Duration {
+    let ceiling = Duration::from_millis(100 * 2u64.pow(failures.min(6))).min(Duration::from_secs(5));
+    ceiling / 2 + (ceiling / 2).mul_f64(rand::random::<f64>())
+}
+
 /// A configured broker, by backend. The one place that maps manifest
 /// settings to a backend's sources, sinks and dedup store.
 #[derive(Clone)]

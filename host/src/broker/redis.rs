@@ -1325,14 +1325,8 @@ async fn subscriber(
             return;
         }
         failures = failures.saturating_add(1);
-        tokio::time::sleep(backoff(failures)).await;
+        tokio::time::sleep(super::reconnect_backoff(failures)).await;
     }
-}
-
-/// Capped, jittered exponential backoff for reconnects.
-fn backoff(failures: u32) -> Duration {
-    let ceiling = Duration::from_millis(100 * 2u64.pow(failures.min(6))).min(Duration::from_secs(5));
-    ceiling / 2 + (ceiling / 2).mul_f64(rand::random::<f64>())
 }
 
 #[async_trait]

@@ -149,7 +149,7 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
             }
             Err(e) => {
                 receive_errors = receive_errors.saturating_add(1);
-                let wait = Duration::from_millis(100 * 2u64.pow(receive_errors.min(6)));
+                let wait = crate::broker::reconnect_backoff(receive_errors);
                 tracing::warn!(handler = %binding.name, error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "receive failed");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => continue,
