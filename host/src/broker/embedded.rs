@@ -456,18 +456,29 @@ impl Acker for EmbeddedAcker {
     }
 
     async fn release(&self) -> Result<()> {
+        self.give_back(Duration::ZERO, "release").await
+    }
+
+    async fn defer(&self, delay: Duration) -> Result<()> {
+        self.give_back(delay, "defer").await
+    }
+}
+
+impl EmbeddedAcker {
+    /// Make the message due after `delay`, uncounting this attempt.
+    async fn give_back(&self, delay: Duration, what: &str) -> Result<()> {
         let seq = self.seq;
         let held = self
             .broker
             .settle(seq, self.token, move |txn, mut m| {
                 m.attempt = m.attempt.saturating_sub(1);
-                m.due_ms = now_ms();
+                m.due_ms = now_ms() + delay.as_millis() as u64;
                 txn.open_table(QUEUE)?.insert((m.subject.as_str(), m.due_ms, seq), ())?;
                 txn.open_table(META)?.insert(seq, serde_json::to_vec(&m)?.as_slice())?;
                 Ok(())
             })
             .await?;
-        if held { Ok(()) } else { Err(self.lost("release")) }
+        if held { Ok(()) } else { Err(self.lost(what)) }
     }
 }
 

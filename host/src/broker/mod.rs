@@ -92,6 +92,10 @@ pub trait Acker: Send + Sync {
     async fn dead_letter(&self, queue: &str, headers: Vec<(String, String)>) -> Result<()>;
     /// Not processed (shutdown): give it back now without counting the attempt.
     async fn release(&self) -> Result<()>;
+    /// Not processed (a copy is in flight elsewhere): give it back, to be
+    /// delivered no sooner than `delay` from now, without counting the
+    /// attempt where the broker allows it.
+    async fn defer(&self, delay: Duration) -> Result<()>;
 }
 
 /// Where a handler's messages come from.

@@ -864,6 +864,12 @@ impl Acker for StreamAcker {
         // is counted), or reclaimed by another host's janitor.
         Ok(())
     }
+
+    async fn defer(&self, delay: Duration) -> Result<()> {
+        // Claiming the entry back bumps its delivery counter, so on streams
+        // a deferral does count as an attempt; the counter is Redis'.
+        self.retry(delay).await
+    }
 }
 
 // ---------------------------------------------------------------- lists
@@ -1236,6 +1242,17 @@ impl Acker for ListAcker {
     async fn release(&self) -> Result<()> {
         self.settle("release", &self.keys.queue, "", 0).await
     }
+
+    async fn defer(&self, delay: Duration) -> Result<()> {
+        // Back to the delayed set with the attempt count it came with.
+        self.settle(
+            "retry",
+            &self.keys.delayed,
+            &self.env.to_json(),
+            delay.as_millis() as u64,
+        )
+        .await
+    }
 }
 
 // ---------------------------------------------------------------- pub/sub
@@ -1391,6 +1408,15 @@ impl Acker for PubSubAcker {
 
     async fn release(&self) -> Result<()> {
         tracing::warn!(message_id = %self.env.id, "pub/sub message dropped on shutdown (pub/sub is at-most-once)");
+        Ok(())
+    }
+
+    async fn defer(&self, delay: Duration) -> Result<()> {
+        let (tx, env, attempt) = (self.requeue.clone(), self.env.clone(), self.attempt);
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send((env, attempt));
+        });
         Ok(())
     }
 }

@@ -36,6 +36,9 @@ use crate::broker::{Delivery, Sink, Source};
 use crate::runtime::{Failure, FailureKind, HandlerContext, LoadedComponent, Message, Runtime};
 use crate::store::now_ms;
 
+/// How long a message waits when a copy of it is in flight.
+const DEFER_BUSY: Duration = Duration::from_secs(1);
+
 /// Every dead-letter header starts with this; replay strips them.
 pub const DEAD_LETTER_HEADER_PREFIX: &str = "wharf-dead-letter-";
 
@@ -104,6 +107,8 @@ pub enum Settled {
     DeadLettered,
     /// Given back unprocessed (shutdown).
     Released,
+    /// Given back unprocessed, for later (a copy was in flight).
+    Deferred,
     /// The broker could not be told; it will come back.
     Unknown,
 }
@@ -116,6 +121,7 @@ impl Settled {
             Settled::Retried => "retried",
             Settled::DeadLettered => "dead_lettered",
             Settled::Released => "released",
+            Settled::Deferred => "deferred",
             Settled::Unknown => "unknown",
         }
     }
@@ -223,11 +229,10 @@ pub async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery) -> Sett
             }
             Ok(Claim::Busy) => {
                 // A twin is being handled right now (here or on another
-                // host). Come back when it has finished; this is not a
-                // failure of the message, so it never dead-letters.
-                let delay = binding.retry.delay(1, None).max(Duration::from_millis(100));
-                tracing::debug!(handler = %binding.name, message_id = %d.id, "a copy is in flight; trying this one later");
-                return settle(binding, d, Settled::Retried, d.acker.retry(delay).await);
+                // host, or by a host that died, until its claim expires).
+                // Come back later; not a failure, so it never dead-letters.
+                tracing::debug!(handler = %binding.name, message_id = %d.id, "a copy is in flight; deferring this one");
+                return settle(binding, d, Settled::Deferred, d.acker.defer(DEFER_BUSY).await);
             }
             Err(e) => {
                 // Running without knowing could repeat effects; try later.
