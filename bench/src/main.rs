@@ -84,6 +84,7 @@ async fn wasm_cost(component: &PathBuf, iterations: usize, payload_bytes: usize)
         .with_context(|| format!("loading {}", component.display()))?;
     let store = wharf::store::open_all(&dir.path().join("db"))?;
     let handler = Arc::new(HandlerContext {
+        requester: None,
         name: "bench".into(),
         tenant: "default".into(),
         grants: Grants::default(),
@@ -171,7 +172,7 @@ async fn drain(
     );
     std::fs::write(&manifest_path, &text)?;
     let manifest = Manifest::load(&manifest_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let app = App::new(manifest)?;
+    let app = App::new(manifest).await?;
     let body = bytes::Bytes::from(payload(payload_bytes));
     for chunk in (0..messages).collect::<Vec<_>>().chunks(1000) {
         let batch = chunk

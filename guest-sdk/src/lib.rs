@@ -68,7 +68,7 @@ pub mod wit {
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-pub use wit::wharf::handler::host::PublishError;
+pub use wit::wharf::handler::host::{PublishError, RequestError};
 pub use wit::wharf::handler::kv::KvError;
 pub use wit::wharf::handler::types::{HandlerError, Message, RetryInfo};
 
@@ -127,6 +127,13 @@ impl From<PublishError> for HandlerError {
     }
 }
 
+/// A failed request is transient: the responder may come back.
+impl From<RequestError> for HandlerError {
+    fn from(err: RequestError) -> Self {
+        retry(format!("request failed: {err}"))
+    }
+}
+
 /// A key-value failure is transient: the store may come back.
 impl From<KvError> for HandlerError {
     fn from(err: KvError) -> Self {
@@ -168,6 +175,23 @@ pub fn publish_json<T: Serialize + ?Sized>(subject: &str, value: &T) -> Result<(
         &payload,
         &[("content-type".to_string(), "application/json".to_string())],
     )
+}
+
+/// Send `payload` to `subject` and wait up to `timeout_ms` for the reply
+/// (NATS request/reply; `subject` must be granted). Leaves at once: not part
+/// of the outbox.
+pub fn request(subject: &str, payload: &[u8], timeout_ms: u32) -> Result<Vec<u8>, RequestError> {
+    wit::wharf::handler::host::request(subject, payload, &[], timeout_ms)
+}
+
+/// Answer the message's requester, if it asked for a reply: publishes
+/// `payload` to the message's `reply_to` (always allowed), through the
+/// outbox like any publish. Returns false when there was nobody to answer.
+pub fn reply(msg: &Message, payload: &[u8]) -> Result<bool, PublishError> {
+    match &msg.reply_to {
+        Some(to) => publish(to, payload, &[]).map(|()| true),
+        None => Ok(false),
+    }
 }
 
 /// A value from the handler's `config` table in the manifest.

@@ -64,7 +64,7 @@ pub fn runtime_for(manifest: &Manifest) -> Result<Runtime> {
 impl App {
     /// Open the data folder, load every component and bind every handler.
     /// Nothing consumes until [`App::run`].
-    pub fn new(manifest: Manifest) -> Result<Arc<Self>> {
+    pub async fn new(manifest: Manifest) -> Result<Arc<Self>> {
         let store = crate::store::open_all(&manifest.host.data_dir.join(DB_FILE))?;
         let broker = EmbeddedBroker::new(store.clone());
         let runtime = Arc::new(runtime_for(&manifest)?);
@@ -79,6 +79,20 @@ impl App {
                         .unwrap_or_else(|| default_consumer(&manifest.host.data_dir));
                     let redis = RedisBroker::new(url, consumer).with_context(|| format!("broker {name:?}"))?;
                     brokers.insert(name.clone(), Broker::Redis(Arc::new(redis)));
+                }
+                BrokerConfig::Nats { url, streams } => {
+                    let streams = streams
+                        .iter()
+                        .map(|s| crate::broker::nats::StreamSpec {
+                            name: s.name.clone(),
+                            subjects: s.subjects.clone(),
+                            duplicate_window: Duration::from_secs(s.duplicate_window_secs),
+                        })
+                        .collect();
+                    let nats = crate::broker::nats::NatsBroker::connect(url, streams)
+                        .await
+                        .with_context(|| format!("broker {name:?}"))?;
+                    brokers.insert(name.clone(), Broker::Nats(Arc::new(nats)));
                 }
             }
         }
@@ -100,7 +114,16 @@ impl App {
                 .load(&h.component)
                 .with_context(|| format!("loading handler {name:?}"))?;
             tracing::info!(handler = %name, component = %h.component.display(), digest = %&component.digest[..12], "handler loaded");
+            // Requests go through the source's broker, or the publish
+            // target's, whichever is NATS.
+            let requester = std::iter::once(&h.source.broker)
+                .chain(h.publish_to.as_ref().and_then(|t| t.broker.as_ref()))
+                .find_map(|b| match brokers.get(b) {
+                    Some(Broker::Nats(n)) => Some(n.clone()),
+                    _ => None,
+                });
             let context = Arc::new(HandlerContext {
+                requester,
                 name: name.clone(),
                 tenant: h.tenant.clone(),
                 grants: Grants::new(&h.publish).map_err(anyhow::Error::msg)?,
@@ -124,7 +147,8 @@ impl App {
                 .unwrap_or_else(|| h.source.broker.clone());
             let retry = RetryPolicy::from(&h.retry);
             let reclaim_after = delivery::lease_for(Duration::from_millis(h.timeout_ms)) + retry.max_delay;
-            let endpoints = source_broker.endpoints(&h.source, h.dead_letter.as_deref(), reclaim_after);
+            let lease = delivery::lease_for(Duration::from_millis(h.timeout_ms));
+            let endpoints = source_broker.endpoints(name, &h.source, h.dead_letter.as_deref(), lease, reclaim_after);
             let dedup = h
                 .dedup
                 .as_ref()

@@ -155,7 +155,7 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
 fn run_host(path: &Path) -> Result<()> {
     let manifest = load_manifest(path)?;
     tokio_runtime()?.block_on(async {
-        let app = App::new(manifest)?;
+        let app = App::new(manifest).await?;
         let shutdown = Shutdown::default();
         tokio::spawn(watch_signals(shutdown.clone()));
         app.run(shutdown).await

@@ -2,6 +2,7 @@
 //! from `tests/programs`, the embedded broker on a temporary data folder.
 
 mod harness;
+mod nats;
 mod redis;
 
 use std::collections::BTreeMap;
@@ -22,7 +23,12 @@ fn header<'a>(headers: &'a [(String, String)], key: &str) -> &'a str {
 /// Every program in tests/programs/src/bin must be run by some test here.
 #[test]
 fn every_test_program_is_used() {
-    let sources = [include_str!("main.rs"), include_str!("redis.rs")].concat();
+    let sources = [
+        include_str!("main.rs"),
+        include_str!("redis.rs"),
+        include_str!("nats.rs"),
+    ]
+    .concat();
     let bin = workspace().join("tests/programs/src/bin");
     for entry in std::fs::read_dir(&bin).expect("programs folder") {
         let name = entry

@@ -13,6 +13,7 @@
 //! in one transaction). One file per backend lives beside this one.
 
 pub mod embedded;
+pub mod nats;
 pub mod redis;
 
 use std::sync::Arc;
@@ -131,6 +132,8 @@ pub enum Broker {
     Embedded(embedded::EmbeddedBroker),
     /// A Redis server.
     Redis(Arc<redis::RedisBroker>),
+    /// A NATS server.
+    Nats(Arc<nats::NatsBroker>),
 }
 
 /// What a binding needs from its broker.
@@ -147,8 +150,10 @@ impl Broker {
     /// idle with a dead consumer before another host takes it (streams).
     pub fn endpoints(
         &self,
+        handler: &str,
         cfg: &crate::manifest::SourceConfig,
         dead_letter: Option<&str>,
+        lease: Duration,
         reclaim_after: Duration,
     ) -> Endpoints {
         match self {
@@ -164,6 +169,25 @@ impl Broker {
                     dead_letter_queue: dead_letter
                         .map(str::to_string)
                         .unwrap_or_else(|| format!("{}:dead", cfg.subject)),
+                }
+            }
+            Broker::Nats(b) => {
+                let group = cfg.group.as_deref().unwrap_or("wharf");
+                let source = match (cfg.kind, cfg.stream.as_deref()) {
+                    (Some(crate::manifest::SourceKind::Jetstream), Some(stream)) => b.jetstream_source(
+                        stream,
+                        cfg.consumer.as_deref().unwrap_or(handler),
+                        &cfg.subject,
+                        lease,
+                        cfg.double_ack.unwrap_or(false),
+                    ),
+                    _ => b.core_source(&cfg.subject, group),
+                };
+                Endpoints {
+                    source,
+                    dead_letter_queue: dead_letter
+                        .map(str::to_string)
+                        .unwrap_or_else(|| format!("wharf.dead.{handler}")),
                 }
             }
         }
@@ -192,14 +216,24 @@ impl Broker {
                     .unwrap_or(redis::RedisKind::Stream);
                 b.sink(kind, to.and_then(|t| t.maxlen))
             }
+            Broker::Nats(b) => {
+                use crate::manifest::SourceKind as K;
+                let jetstream = matches!(to.and_then(|t| t.kind).or(source_kind), Some(K::Jetstream));
+                b.sink(if jetstream {
+                    nats::NatsKind::JetStream
+                } else {
+                    nats::NatsKind::Core
+                })
+            }
         }
     }
 
     /// Where dedup marks live for handlers consuming this broker: Redis keeps
-    /// them itself (shared by every host); otherwise the local store.
+    /// them itself (shared by every host); otherwise the local store (NATS:
+    /// per host; JetStream's own duplicate window covers publishes).
     pub fn dedup(&self, local: &crate::store::Store) -> Arc<dyn crate::delivery::DedupStore> {
         match self {
-            Broker::Embedded(_) => Arc::new(local.clone()),
+            Broker::Embedded(_) | Broker::Nats(_) => Arc::new(local.clone()),
             Broker::Redis(b) => b.dedup(),
         }
     }
@@ -209,6 +243,7 @@ impl Broker {
         match self {
             Broker::Embedded(_) => true,
             Broker::Redis(b) => b.health().is_up(),
+            Broker::Nats(b) => b.is_up(),
         }
     }
 }
@@ -220,6 +255,6 @@ fn redis_kind(kind: Option<crate::manifest::SourceKind>) -> Option<redis::RedisK
         K::List => redis::RedisKind::List,
         K::Channel => redis::RedisKind::Channel,
         K::Pattern => redis::RedisKind::Pattern,
-        K::Queue => return None,
+        K::Queue | K::Core | K::Jetstream => return None,
     })
 }

@@ -97,6 +97,31 @@ pub enum BrokerConfig {
         /// stable across restarts and distinct per host.
         consumer: Option<String>,
     },
+    /// A NATS server (core and JetStream).
+    Nats {
+        /// `nats://host:port`.
+        url: String,
+        /// JetStream streams to declare (created when missing).
+        #[serde(default)]
+        streams: Vec<NatsStreamConfig>,
+    },
+}
+
+/// `[[brokers.<name>.streams]]`: a JetStream stream to declare.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsStreamConfig {
+    /// Stream name.
+    pub name: String,
+    /// Subjects it captures.
+    pub subjects: Vec<String>,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped, seconds. Default 120.
+    #[serde(default = "default_duplicate_window_secs")]
+    pub duplicate_window_secs: u64,
+}
+
+fn default_duplicate_window_secs() -> u64 {
+    120
 }
 
 /// What kind of source or publish target, where the broker has several.
@@ -113,6 +138,10 @@ pub enum SourceKind {
     Channel,
     /// Redis pub/sub channel pattern: at-most-once; sources only.
     Pattern,
+    /// Core NATS subject: at-most-once (the NATS default).
+    Core,
+    /// NATS JetStream durable pull consumer.
+    Jetstream,
 }
 
 /// `[tenants.<name>]`: ceilings shared by all of a tenant's handlers.
@@ -219,8 +248,14 @@ pub struct SourceConfig {
     /// Source kind. Embedded: `queue`. Redis: `stream` (default), `list`,
     /// `channel`, `pattern`.
     pub kind: Option<SourceKind>,
-    /// Redis stream consumer group. Default `wharf`.
+    /// Redis stream consumer group, or NATS core queue group. Default `wharf`.
     pub group: Option<String>,
+    /// NATS JetStream: the stream to consume (required for `jetstream`).
+    pub stream: Option<String>,
+    /// NATS JetStream: durable consumer name. Default: the handler's name.
+    pub consumer: Option<String>,
+    /// NATS JetStream: wait for the server to confirm each ack. Default false.
+    pub double_ack: Option<bool>,
 }
 
 /// `publish_to = { broker = "...", kind = "...", maxlen = N }`: where the
@@ -231,7 +266,7 @@ pub struct SourceConfig {
 pub struct PublishTo {
     /// Broker name. Default: the source's broker.
     pub broker: Option<String>,
-    /// Redis: `stream`, `list` or `channel`.
+    /// Redis: `stream`, `list` or `channel`. NATS: `core` or `jetstream`.
     pub kind: Option<SourceKind>,
     /// Redis streams: trim to about this many entries on publish.
     pub maxlen: Option<u64>,

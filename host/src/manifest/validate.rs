@@ -117,13 +117,13 @@ fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String), warn: &mut d
                 if h.source.group.is_some() {
                     report(
                         &source_at("group"),
-                        "`group` applies to Redis stream sources only".into(),
+                        "`group` applies to Redis stream and NATS core sources only".into(),
                     );
                 }
             }
             Some(BrokerConfig::Redis { .. }) => {
                 match kind {
-                    Some(SourceKind::Queue) => report(
+                    Some(SourceKind::Queue | SourceKind::Core | SourceKind::Jetstream) => report(
                         &source_at("kind"),
                         "Redis sources are `stream`, `list`, `channel` or `pattern`".into(),
                     ),
@@ -136,10 +136,32 @@ fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String), warn: &mut d
                 if h.source.group.is_some() && !matches!(kind, None | Some(SourceKind::Stream)) {
                     report(
                         &source_at("group"),
-                        "`group` applies to Redis stream sources only".into(),
+                        "`group` applies to Redis stream and NATS core sources only".into(),
                     );
                 }
             }
+            Some(BrokerConfig::Nats { streams, .. }) => match kind {
+                None | Some(SourceKind::Core) => warn(
+                    &source_at("kind"),
+                    "core NATS is at-most-once: messages published while no host is subscribed, or in flight when a host dies, are lost; use kind = \"jetstream\" to keep them".into(),
+                ),
+                Some(SourceKind::Jetstream) => {
+                    if h.source.stream.is_none() {
+                        report(&source_at("stream"), "a `jetstream` source needs the `stream` it consumes".into());
+                    }
+                    let dead = h.dead_letter.clone().unwrap_or_else(|| format!("wharf.dead.{name}"));
+                    let captured = streams
+                        .iter()
+                        .any(|s| s.subjects.iter().any(|p| SubjectPattern::parse(p).is_ok_and(|p| p.matches(&dead))));
+                    if !captured {
+                        warn(
+                            &["handlers", name, "dead_letter"],
+                            format!("no stream declared here captures the dead-letter subject {dead:?}; unless one exists on the server, dead-lettering will fail and the message will be redelivered"),
+                        );
+                    }
+                }
+                Some(_) => report(&source_at("kind"), "NATS sources are `core` or `jetstream`".into()),
+            },
             None => report(
                 &source_at("broker"),
                 format!("unknown broker {broker:?}; declare it under [brokers.{broker}]"),
@@ -167,16 +189,48 @@ fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String), warn: &mut d
                     }
                 }
                 Some(BrokerConfig::Redis { .. }) => {
-                    if matches!(to.kind, Some(SourceKind::Queue | SourceKind::Pattern)) {
+                    if matches!(
+                        to.kind,
+                        Some(SourceKind::Queue | SourceKind::Pattern | SourceKind::Core | SourceKind::Jetstream)
+                    ) {
                         report(
                             &at("kind"),
                             "Redis publish targets are `stream`, `list` or `channel`".into(),
                         );
                     }
                 }
+                Some(BrokerConfig::Nats { .. }) => {
+                    if to
+                        .kind
+                        .is_some_and(|k| !matches!(k, SourceKind::Core | SourceKind::Jetstream))
+                    {
+                        report(&at("kind"), "NATS publish targets are `core` or `jetstream`".into());
+                    }
+                    if to.maxlen.is_some() {
+                        report(&at("maxlen"), "`maxlen` applies to Redis streams only".into());
+                    }
+                }
             }
         }
-        if kind == Some(SourceKind::Pattern) {
+        if kind != Some(SourceKind::Jetstream) {
+            for (field, set) in [
+                ("stream", h.source.stream.is_some()),
+                ("consumer", h.source.consumer.is_some()),
+                ("double_ack", h.source.double_ack.is_some()),
+            ] {
+                if set {
+                    report(
+                        &source_at(field),
+                        format!("`{field}` applies to NATS `jetstream` sources only"),
+                    );
+                }
+            }
+        }
+        if matches!(source_broker, Some(BrokerConfig::Nats { .. })) {
+            if let Err(e) = crate::broker::nats::check_source_subject(&h.source.subject) {
+                report(&source_at("subject"), e.to_string());
+            }
+        } else if kind == Some(SourceKind::Pattern) {
             if h.source.subject.is_empty() || h.source.subject.chars().any(|c| c.is_whitespace() || c.is_control()) {
                 report(
                     &source_at("subject"),

@@ -20,6 +20,8 @@ pub const STDIO_CAPACITY: usize = 64 * 1024;
 
 /// Everything about a handler that does not change between messages.
 pub struct HandlerContext {
+    /// Where `request` goes (a NATS broker of the handler), if anywhere.
+    pub requester: Option<Arc<crate::broker::nats::NatsBroker>>,
     /// Handler name, for logs and dead-letter headers.
     pub name: String,
     /// Tenant name.
@@ -89,6 +91,8 @@ pub struct StoreState {
 pub struct AttemptState {
     pub(super) handler: Arc<HandlerContext>,
     pub(super) message_id: String,
+    /// The incoming message's reply subject: always publishable.
+    pub(super) reply_to: Option<String>,
     /// Publishes held until the attempt succeeds.
     pub(super) outbox: Vec<OutboundMessage>,
     pub(super) log_bytes: usize,
@@ -98,7 +102,7 @@ pub struct AttemptState {
 }
 
 impl StoreState {
-    pub(super) fn new(handler: Arc<HandlerContext>, message_id: String) -> Self {
+    pub(super) fn new(handler: Arc<HandlerContext>, message_id: String, reply_to: Option<String>) -> Self {
         let stdout = MemoryOutputPipe::new(STDIO_CAPACITY);
         let stderr = MemoryOutputPipe::new(STDIO_CAPACITY);
         // No preopens, no environment, no arguments, no stdin, no network:
@@ -119,6 +123,7 @@ impl StoreState {
             attempt: AttemptState {
                 handler,
                 message_id,
+                reply_to,
                 outbox: Vec::new(),
                 log_bytes: 0,
                 dropped_log_lines: 0,
@@ -198,10 +203,13 @@ impl host::Host for StoreState {
     ) -> Result<(), host::PublishError> {
         let a = &mut self.attempt;
         let h = &a.handler;
-        if let Err(e) = SubjectPattern::check_literal(&subject) {
+        if a.reply_to.as_deref() != Some(subject.as_str())
+            && let Err(e) = SubjectPattern::check_literal(&subject)
+        {
             return Err(host::PublishError::Denied(e));
         }
-        if !h.grants.allows(&subject) || !h.tenant_grants.allows(&subject) {
+        let is_reply = a.reply_to.as_deref() == Some(subject.as_str());
+        if !is_reply && (!h.grants.allows(&subject) || !h.tenant_grants.allows(&subject)) {
             tracing::warn!(handler = %h.name, message_id = %a.message_id, subject = %sanitize(&subject), "publish denied: not granted");
             return Err(host::PublishError::Denied(format!(
                 "handler {:?} is not granted publish to {subject:?}",
@@ -236,6 +244,49 @@ impl host::Host for StoreState {
             delay: Duration::ZERO,
         });
         Ok(())
+    }
+
+    async fn request(
+        &mut self,
+        subject: String,
+        payload: Vec<u8>,
+        headers: Vec<(String, String)>,
+        timeout_ms: u32,
+    ) -> Result<Vec<u8>, host::RequestError> {
+        use crate::broker::nats::RequestError as E;
+        let a = &self.attempt;
+        let h = a.handler.clone();
+        let Some(nats) = h.requester.clone() else {
+            return Err(host::RequestError::Denied(format!(
+                "handler {:?} has no NATS broker to send requests through",
+                h.name
+            )));
+        };
+        if SubjectPattern::check_literal(&subject).is_err()
+            || !h.grants.allows(&subject)
+            || !h.tenant_grants.allows(&subject)
+        {
+            tracing::warn!(handler = %h.name, message_id = %a.message_id, subject = %sanitize(&subject), "request denied: not granted");
+            return Err(host::RequestError::Denied(format!(
+                "handler {:?} is not granted {subject:?}",
+                h.name
+            )));
+        }
+        if payload.len() > h.limits.max_payload_bytes {
+            return Err(host::RequestError::Denied(format!(
+                "payload is {} bytes; max_payload_bytes is {}",
+                payload.len(),
+                h.limits.max_payload_bytes
+            )));
+        }
+        let timeout = Duration::from_millis(u64::from(timeout_ms)).min(h.limits.timeout);
+        match nats.request(&subject, payload, &headers, timeout).await {
+            Ok(reply) => Ok(reply),
+            Err(E::Denied(s)) => Err(host::RequestError::Denied(s)),
+            Err(E::Timeout(s)) => Err(host::RequestError::Timeout(s)),
+            Err(E::NoResponders(s)) => Err(host::RequestError::NoResponders(s)),
+            Err(E::Failed(s)) => Err(host::RequestError::Failed(s)),
+        }
     }
 
     async fn log(&mut self, level: host::LogLevel, message: String) {

@@ -276,7 +276,10 @@ impl Runtime {
     pub async fn invoke(&self, component: &LoadedComponent, handler: &Arc<HandlerContext>, msg: Message) -> Attempt {
         let started = Instant::now();
         let limits = handler.limits;
-        let mut store = Store::new(&self.engine, StoreState::new(handler.clone(), msg.id.clone()));
+        let mut store = Store::new(
+            &self.engine,
+            StoreState::new(handler.clone(), msg.id.clone(), msg.reply_to.clone()),
+        );
         store.limiter(|s| &mut s.memory);
         let budget_ticks = (limits.timeout.as_millis() / TICK.as_millis()).max(1) as u64;
         store.set_epoch_deadline(1);

@@ -1,0 +1,570 @@
+//! NATS as a broker: core subjects (with queue groups and request/reply) and
+//! JetStream durable pull consumers, through async-nats.
+//!
+//! | source `kind` | guarantee | delivery | attempt | retry | dead letter |
+//! |---|---|---|---|---|---|
+//! | `core` (default) | **at-most-once** | queue subscription (`group`, default `wharf`) | 1 | in memory only | core publish of a copy |
+//! | `jetstream` | at-least-once | durable pull consumer, `fetch` in batches, explicit acks | the delivery count in the ack metadata | `Nak` with the backoff delay | JetStream publish of a copy (with `Nats-Msg-Id`), then `Term` |
+//!
+//! While an attempt holds a JetStream message, `Progress` is sent every
+//! third of the ack wait, so a slow attempt, outbox or ack never lets the
+//! server redeliver under it. Publishes to JetStream carry `Nats-Msg-Id` (the
+//! outbox's deterministic id), so the stream's duplicate window absorbs
+//! replays. Publishes to `_INBOX.` subjects (replies) always go through core
+//! NATS. async-nats reconnects by itself; the host starts while NATS is down
+//! (`retry_on_initial_connect`) and is not ready until it connects.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use async_nats::jetstream::{self, AckKind, consumer::pull};
+use async_nats::{HeaderMap, connection::State};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use tokio::sync::{Mutex, OnceCell, mpsc};
+
+use super::{Acker, Delivery, OutboundMessage, Sink, Source};
+use crate::store::now_ms;
+
+/// The header carrying a message's id, which JetStream deduplicates on.
+pub const MSG_ID: &str = "Nats-Msg-Id";
+/// How long a fetch waits for messages before the loop looks again.
+const FETCH_WAIT: Duration = Duration::from_secs(1);
+
+/// A stream the manifest declares.
+#[derive(Debug, Clone)]
+pub struct StreamSpec {
+    /// Stream name.
+    pub name: String,
+    /// Subjects it captures.
+    pub subjects: Vec<String>,
+    /// Window in which a repeated `Nats-Msg-Id` is dropped.
+    pub duplicate_window: Duration,
+}
+
+/// A NATS connection and the streams it declares.
+pub struct NatsBroker {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    streams: Vec<StreamSpec>,
+    declared: OnceCell<()>,
+}
+
+/// What kind of NATS source or sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatsKind {
+    /// Core NATS.
+    Core,
+    /// JetStream.
+    JetStream,
+}
+
+impl NatsBroker {
+    /// Connect to `url`. Returns at once; the connection is made (and remade)
+    /// in the background.
+    pub async fn connect(url: &str, streams: Vec<StreamSpec>) -> Result<Self> {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            .connect(url)
+            .await
+            .with_context(|| format!("connecting to NATS at {url}"))?;
+        let js = jetstream::new(client.clone());
+        Ok(Self {
+            client,
+            js,
+            streams,
+            declared: OnceCell::new(),
+        })
+    }
+
+    /// Whether the connection is up.
+    pub fn is_up(&self) -> bool {
+        self.client.connection_state() == State::Connected
+    }
+
+    /// Declare the manifest's streams (once; again after a failure).
+    async fn declare(&self) -> Result<()> {
+        self.declared
+            .get_or_try_init(|| async {
+                for s in &self.streams {
+                    self.js
+                        .get_or_create_stream(jetstream::stream::Config {
+                            name: s.name.clone(),
+                            subjects: s.subjects.clone(),
+                            duplicate_window: s.duplicate_window,
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(|e| anyhow!("{e}"))
+                        .with_context(|| format!("declaring JetStream stream {}", s.name))?;
+                }
+                Ok::<_, anyhow::Error>(())
+            })
+            .await
+            .map(drop)
+    }
+
+    /// A core source on `subject` in queue group `group`.
+    pub fn core_source(&self, subject: &str, group: &str) -> Arc<dyn Source> {
+        Arc::new(CoreSource {
+            client: self.client.clone(),
+            subject: subject.to_string(),
+            group: group.to_string(),
+            local: Mutex::new(None),
+        })
+    }
+
+    /// A JetStream source: durable pull consumer `consumer` of `stream`,
+    /// filtered to `subject`, with an ack wait of `lease`.
+    pub fn jetstream_source(
+        self: &Arc<Self>,
+        stream: &str,
+        consumer: &str,
+        subject: &str,
+        lease: Duration,
+        double_ack: bool,
+    ) -> Arc<dyn Source> {
+        Arc::new(JetStreamSource {
+            broker: self.clone(),
+            stream: stream.to_string(),
+            consumer_name: consumer.to_string(),
+            subject: subject.to_string(),
+            lease,
+            double_ack,
+            consumer: Mutex::new(None),
+        })
+    }
+
+    /// A sink publishing through core NATS or JetStream.
+    pub fn sink(self: &Arc<Self>, kind: NatsKind) -> Arc<dyn Sink> {
+        Arc::new(NatsSink {
+            broker: self.clone(),
+            kind,
+        })
+    }
+
+    /// Request/reply for handlers: send `payload` to `subject` and wait up to
+    /// `timeout` for the first reply.
+    pub async fn request(
+        &self,
+        subject: &str,
+        payload: Vec<u8>,
+        headers: &[(String, String)],
+        timeout: Duration,
+    ) -> Result<Vec<u8>, RequestError> {
+        let request = self
+            .client
+            .request_with_headers(subject.to_string(), header_map(headers), payload.into());
+        match tokio::time::timeout(timeout, request).await {
+            Err(_) => Err(RequestError::Timeout(format!(
+                "no reply from {subject} in {} ms",
+                timeout.as_millis()
+            ))),
+            Ok(Ok(reply)) => Ok(reply.payload.to_vec()),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+                Err(RequestError::NoResponders(format!("nobody answers on {subject}")))
+            }
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+                Err(RequestError::Timeout(format!("no reply from {subject}")))
+            }
+            Ok(Err(e)) => Err(RequestError::Failed(e.to_string())),
+        }
+    }
+}
+
+/// Why a request failed; mirrors the WIT `request-error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Not granted, or the broker cannot do request/reply.
+    #[error("denied: {0}")]
+    Denied(String),
+    /// No reply in time.
+    #[error("timeout: {0}")]
+    Timeout(String),
+    /// Nobody subscribes to the subject.
+    #[error("no responders: {0}")]
+    NoResponders(String),
+    /// Anything else.
+    #[error("failed: {0}")]
+    Failed(String),
+}
+
+fn header_map(headers: &[(String, String)]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        map.append(k.as_str(), v.as_str());
+    }
+    map
+}
+
+fn header_list(map: Option<&HeaderMap>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if let Some(map) = map {
+        for (name, values) in map.iter() {
+            for v in values {
+                out.push((name.to_string(), v.to_string()));
+            }
+        }
+        out.sort();
+    }
+    out
+}
+
+fn message_id(map: Option<&HeaderMap>) -> Option<String> {
+    map.and_then(|m| m.get(MSG_ID)).map(|v| v.to_string())
+}
+
+// ---------------------------------------------------------------- core
+
+struct CoreSource {
+    client: async_nats::Client,
+    subject: String,
+    group: String,
+    local: Mutex<Option<LocalQueue>>,
+}
+
+/// Received core messages, plus in-memory redeliveries (core NATS has
+/// nothing to redeliver from).
+struct LocalQueue {
+    tx: mpsc::UnboundedSender<(async_nats::Message, u32)>,
+    rx: mpsc::UnboundedReceiver<(async_nats::Message, u32)>,
+}
+
+#[async_trait]
+impl Source for CoreSource {
+    async fn receive(&self, max: usize, _lease: Duration) -> Result<Vec<Delivery>> {
+        let mut guard = self.local.lock().await;
+        if guard.is_none() {
+            let mut subscriber = self
+                .client
+                .queue_subscribe(self.subject.clone(), self.group.clone())
+                .await
+                .map_err(|e| anyhow!("subscribing to {} in group {}: {e}", self.subject, self.group))?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            let forward = tx.downgrade();
+            tokio::spawn(async move {
+                while let Some(m) = subscriber.next().await {
+                    let Some(tx) = forward.upgrade() else { return };
+                    let _ = tx.send((m, 1));
+                }
+            });
+            *guard = Some(LocalQueue { tx, rx });
+        }
+        let Some(queue) = guard.as_mut() else { return Ok(vec![]) };
+        let Ok(Some(first)) = tokio::time::timeout(FETCH_WAIT, queue.rx.recv()).await else {
+            return Ok(vec![]);
+        };
+        let mut items = vec![first];
+        while items.len() < max {
+            match queue.rx.try_recv() {
+                Ok(item) => items.push(item),
+                Err(_) => break,
+            }
+        }
+        Ok(items
+            .into_iter()
+            .map(|(m, attempt)| {
+                let id = message_id(m.headers.as_ref()).unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+                Delivery {
+                    id,
+                    subject: m.subject.to_string(),
+                    payload: m.payload.clone(),
+                    headers: header_list(m.headers.as_ref()),
+                    content_type: None,
+                    reply_to: m.reply.as_ref().map(|r| r.to_string()),
+                    attempt,
+                    redelivered: attempt > 1,
+                    first_seen_ms: now_ms(),
+                    acker: Box::new(CoreAcker {
+                        client: self.client.clone(),
+                        message: m,
+                        attempt,
+                        requeue: queue.tx.clone(),
+                    }),
+                }
+            })
+            .collect())
+    }
+}
+
+struct CoreAcker {
+    client: async_nats::Client,
+    message: async_nats::Message,
+    attempt: u32,
+    requeue: mpsc::UnboundedSender<(async_nats::Message, u32)>,
+}
+
+impl CoreAcker {
+    fn again(&self, delay: Duration, attempt: u32) {
+        let (tx, m) = (self.requeue.clone(), self.message.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let _ = tx.send((m, attempt));
+        });
+    }
+}
+
+#[async_trait]
+impl Acker for CoreAcker {
+    async fn ack(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn retry(&self, delay: Duration) -> Result<()> {
+        self.again(delay, self.attempt + 1);
+        Ok(())
+    }
+
+    async fn defer(&self, delay: Duration) -> Result<()> {
+        self.again(delay, self.attempt);
+        Ok(())
+    }
+
+    async fn dead_letter(&self, queue: &str, headers: Vec<(String, String)>) -> Result<()> {
+        let mut all = header_list(self.message.headers.as_ref());
+        all.extend(headers);
+        self.client
+            .publish_with_headers(queue.to_string(), header_map(&all), self.message.payload.clone())
+            .await?;
+        self.client.flush().await?;
+        Ok(())
+    }
+
+    async fn release(&self) -> Result<()> {
+        tracing::warn!(subject = %self.message.subject, "core NATS message dropped on shutdown (core NATS is at-most-once)");
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------- JetStream
+
+struct JetStreamSource {
+    broker: Arc<NatsBroker>,
+    stream: String,
+    consumer_name: String,
+    subject: String,
+    lease: Duration,
+    double_ack: bool,
+    consumer: Mutex<Option<jetstream::consumer::Consumer<pull::Config>>>,
+}
+
+impl JetStreamSource {
+    async fn consumer(&self) -> Result<jetstream::consumer::Consumer<pull::Config>> {
+        let mut guard = self.consumer.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        self.broker.declare().await?;
+        let stream = self
+            .broker
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| anyhow!("JetStream stream {}: {e}", self.stream))?;
+        let consumer = stream
+            .get_or_create_consumer(
+                &self.consumer_name,
+                pull::Config {
+                    durable_name: Some(self.consumer_name.clone()),
+                    filter_subject: self.subject.clone(),
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: self.lease,
+                    // wharf dead-letters by itself; the server never gives up.
+                    max_deliver: -1,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| anyhow!("JetStream consumer {} on {}: {e}", self.consumer_name, self.stream))?;
+        *guard = Some(consumer.clone());
+        Ok(consumer)
+    }
+}
+
+#[async_trait]
+impl Source for JetStreamSource {
+    async fn receive(&self, max: usize, _lease: Duration) -> Result<Vec<Delivery>> {
+        let consumer = self.consumer().await?;
+        let mut batch = consumer
+            .fetch()
+            .max_messages(max)
+            .expires(FETCH_WAIT)
+            .messages()
+            .await
+            .map_err(|e| anyhow!("fetching from {}: {e}", self.consumer_name))?;
+        let mut out = Vec::new();
+        while let Some(next) = batch.next().await {
+            let message = next.map_err(|e| anyhow!("fetching from {}: {e}", self.consumer_name))?;
+            let info = message.info().map_err(|e| anyhow!("bad JetStream ack metadata: {e}"))?;
+            let attempt = u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX);
+            let sequence = info.stream_sequence;
+            let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as u64;
+            let stream_name = info.stream.to_string();
+            let (m, acker) = message.split();
+            let id = message_id(m.headers.as_ref()).unwrap_or_else(|| format!("{stream_name}:{sequence}"));
+            let acker = Arc::new(acker);
+            let progress = tokio::spawn(keep_alive(Arc::downgrade(&acker), self.lease));
+            out.push(Delivery {
+                id,
+                subject: m.subject.to_string(),
+                payload: m.payload.clone(),
+                headers: header_list(m.headers.as_ref()),
+                content_type: None,
+                reply_to: None,
+                attempt,
+                redelivered: attempt > 1,
+                first_seen_ms: published_ms,
+                acker: Box::new(JetStreamAcker {
+                    broker: self.broker.clone(),
+                    acker,
+                    progress,
+                    message: m,
+                    double_ack: self.double_ack,
+                }),
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Send `Progress` every third of the ack wait while the delivery is held.
+async fn keep_alive(acker: std::sync::Weak<jetstream::message::Acker>, ack_wait: Duration) {
+    let every = (ack_wait / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(acker) = acker.upgrade() else { return };
+        if acker.ack_with(AckKind::Progress).await.is_err() {
+            return;
+        }
+    }
+}
+
+struct JetStreamAcker {
+    broker: Arc<NatsBroker>,
+    acker: Arc<jetstream::message::Acker>,
+    progress: tokio::task::JoinHandle<()>,
+    message: async_nats::Message,
+    double_ack: bool,
+}
+
+impl Drop for JetStreamAcker {
+    fn drop(&mut self) {
+        self.progress.abort();
+    }
+}
+
+impl JetStreamAcker {
+    async fn send(&self, kind: AckKind) -> Result<()> {
+        self.progress.abort();
+        self.acker
+            .ack_with(kind)
+            .await
+            .map_err(|e| anyhow!("JetStream ack: {e}"))
+    }
+}
+
+#[async_trait]
+impl Acker for JetStreamAcker {
+    async fn ack(&self) -> Result<()> {
+        self.progress.abort();
+        if self.double_ack {
+            self.acker
+                .double_ack()
+                .await
+                .map_err(|e| anyhow!("JetStream double ack: {e}"))
+        } else {
+            self.acker.ack().await.map_err(|e| anyhow!("JetStream ack: {e}"))
+        }
+    }
+
+    async fn retry(&self, delay: Duration) -> Result<()> {
+        self.send(AckKind::Nak(Some(delay))).await
+    }
+
+    async fn defer(&self, delay: Duration) -> Result<()> {
+        // The server counts every delivery; a deferral is one.
+        self.send(AckKind::Nak(Some(delay))).await
+    }
+
+    async fn dead_letter(&self, queue: &str, headers: Vec<(String, String)>) -> Result<()> {
+        let mut all = header_list(self.message.headers.as_ref());
+        let id = message_id(self.message.headers.as_ref()).unwrap_or_default();
+        all.retain(|(k, _)| k != MSG_ID);
+        all.push((MSG_ID.to_string(), format!("{id}:dead")));
+        all.extend(headers);
+        let ack = self
+            .broker
+            .js
+            .publish_with_headers(queue.to_string(), header_map(&all), self.message.payload.clone())
+            .await
+            .map_err(|e| anyhow!("dead-letter publish to {queue}: {e}"))?;
+        ack.await
+            .map_err(|e| anyhow!("dead-letter publish to {queue} not confirmed (does a stream capture it?): {e}"))?;
+        self.send(AckKind::Term).await
+    }
+
+    async fn release(&self) -> Result<()> {
+        self.send(AckKind::Nak(None)).await
+    }
+}
+
+// ---------------------------------------------------------------- sink
+
+struct NatsSink {
+    broker: Arc<NatsBroker>,
+    kind: NatsKind,
+}
+
+#[async_trait]
+impl Sink for NatsSink {
+    async fn publish(&self, messages: Vec<OutboundMessage>) -> Result<()> {
+        let mut confirmations = Vec::new();
+        let mut core = false;
+        for m in messages {
+            let mut headers = m.headers.clone();
+            if let Some(id) = &m.id {
+                headers.push((MSG_ID.to_string(), id.clone()));
+            }
+            let payload: Bytes = m.payload.clone();
+            if self.kind == NatsKind::Core || m.subject.starts_with("_INBOX.") {
+                self.broker
+                    .client
+                    .publish_with_headers(m.subject.clone(), header_map(&headers), payload)
+                    .await?;
+                core = true;
+            } else {
+                let ack = self
+                    .broker
+                    .js
+                    .publish_with_headers(m.subject.clone(), header_map(&headers), payload)
+                    .await
+                    .map_err(|e| anyhow!("JetStream publish to {}: {e}", m.subject))?;
+                confirmations.push((m.subject, ack));
+            }
+        }
+        for (subject, ack) in confirmations {
+            ack.await
+                .map_err(|e| anyhow!("JetStream publish to {subject} not confirmed: {e}"))?;
+        }
+        if core {
+            self.broker
+                .client
+                .flush()
+                .await
+                .context("flushing core NATS publishes")?;
+        }
+        Ok(())
+    }
+}
+
+/// Check that `subject` is a valid NATS subject for a source (wildcards
+/// allowed) — used by the manifest.
+pub fn check_source_subject(subject: &str) -> Result<()> {
+    if subject.is_empty() || subject.chars().any(|c| c.is_whitespace()) {
+        bail!("NATS subject {subject:?} must be non-empty with no whitespace");
+    }
+    Ok(())
+}

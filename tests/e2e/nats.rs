@@ -1,0 +1,492 @@
+//! NATS end-to-end tests against a real NATS server with JetStream
+//! (`WHARF_TEST_NATS_URL`, default `nats://127.0.0.1:4222`). With `CI=true` an
+//! unreachable server fails them; elsewhere they are skipped, loudly.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use futures_util::StreamExt;
+
+use crate::harness::*;
+
+const LONG: Duration = Duration::from_secs(90);
+
+fn url() -> String {
+    std::env::var("WHARF_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+async fn connect(url: &str) -> Option<async_nats::Client> {
+    match tokio::time::timeout(Duration::from_secs(3), async_nats::connect(url)).await {
+        Ok(Ok(c)) => Some(c),
+        other => {
+            let why = match other {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".into(),
+            };
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("NATS at {url} is required in CI: {why}");
+            }
+            eprintln!("SKIPPED: NATS at {url} is not reachable ({why}); set WHARF_TEST_NATS_URL");
+            None
+        }
+    }
+}
+
+/// A subject prefix and a stream-name prefix no other run uses.
+fn prefix() -> (String, String) {
+    let n = format!(
+        "{:08x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos()
+            ^ std::process::id()
+    );
+    (format!("wt{n}"), format!("WT{n}"))
+}
+
+fn with_id(id: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("Nats-Msg-Id", id);
+    h
+}
+
+fn broker(url: &str, streams: &str) -> String {
+    format!("[brokers.n]\nkind = \"nats\"\nurl = {url:?}\n{streams}\n")
+}
+
+fn on(kind: &str, handler_toml: String) -> String {
+    handler_toml.replace("source = {", &format!("source = {{ broker = \"n\", kind = \"{kind}\","))
+}
+
+#[tokio::test]
+async fn nats_core_two_hosts_share_a_queue_group() -> Result {
+    let url = url();
+    let Some(client) = connect(&url).await else {
+        return Ok(());
+    };
+    let (p, _) = prefix();
+    let (jobs, out) = (format!("{p}.jobs"), format!("{p}.out"));
+    let manifest = format!(
+        "{}{}",
+        broker(&url, ""),
+        on(
+            "core",
+            handler(
+                "fwd",
+                "ok",
+                &jobs,
+                &format!("publish = [{out:?}]\nconfig = {{ forward_to = {out:?} }}\n")
+            )
+        )
+    );
+    let (one, two) = (Setup::new(&manifest)?, Setup::new(&manifest)?);
+    let (h1, h2) = (one.start().await?, two.start().await?);
+    let mut forwarded = client.subscribe(out.clone()).await?;
+    // Core NATS keeps nothing for late subscribers: warm up until both hosts
+    // have taken a message.
+    let mut warmups = 0;
+    h1.wait_for("both hosts subscribed", LONG, || {
+        warmups += 1;
+        let (client, jobs) = (client.clone(), jobs.clone());
+        let (h1, h2) = (&h1, &h2);
+        async move {
+            client
+                .publish_with_headers(jobs, with_id(&format!("warm{warmups}")), "{}".into())
+                .await?;
+            client.flush().await?;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            Ok(h1.outcome_count("fwd", "acked").await? > 0 && h2.outcome_count("fwd", "acked").await? > 0)
+        }
+    })
+    .await?;
+    const MESSAGES: usize = 300;
+    for i in 0..MESSAGES {
+        client
+            .publish_with_headers(jobs.clone(), with_id(&format!("m{i}")), "{}".into())
+            .await?;
+    }
+    client.flush().await?;
+    let mut seen = BTreeSet::new();
+    let mut copies = 0;
+    while seen.len() < MESSAGES {
+        let m = tokio::time::timeout(LONG, forwarded.next())
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("subscription ended"))?;
+        let id = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Nats-Msg-Id"))
+            .map(|v| v.to_string())
+            .unwrap_or_default();
+        if id.starts_with('m') {
+            copies += 1;
+            seen.insert(id);
+        }
+    }
+    assert_eq!(copies, MESSAGES, "a message was handled by both hosts");
+    assert!(seen.iter().all(|id| id.ends_with("/0")), "outbox ids");
+    let (a, b) = (
+        h1.outcome_count("fwd", "acked").await?,
+        h2.outcome_count("fwd", "acked").await?,
+    );
+    assert!(a > 1 && b > 1, "both hosts should share the work: {a} and {b}");
+    assert_eq!(h1.terminate()?, 0);
+    assert_eq!(h2.terminate()?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn nats_request_reply_through_a_handler_and_from_a_handler() -> Result {
+    let url = url();
+    let Some(client) = connect(&url).await else {
+        return Ok(());
+    };
+    let (p, _) = prefix();
+    let (svc, ask) = (format!("{p}.svc.upper"), format!("{p}.ask"));
+    let manifest = format!(
+        "{}{}{}",
+        broker(&url, ""),
+        on("core", handler("upper", "reply", &svc, "")),
+        on(
+            "core",
+            handler(
+                "asker",
+                "requester",
+                &ask,
+                &format!("publish = [\"{p}.svc.>\"]\nconfig = {{ target = {svc:?} }}\n")
+            )
+        ),
+    );
+    let setup = Setup::new(&manifest)?;
+    let (code, out, _) = wharf(&["check", &setup.manifest.display().to_string()])?;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("handlers.upper.source.kind: core NATS is at-most-once"),
+        "{out}"
+    );
+    let host = setup.start().await?;
+    // A client's request is answered by the handler.
+    let mut answer = None;
+    for _ in 0..100 {
+        match client.request(svc.clone(), "hello".into()).await {
+            Ok(reply) => {
+                answer = Some(reply.payload);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert_eq!(answer.as_deref(), Some(&b"HELLO"[..]));
+    // A handler's own request reaches another handler and gets the answer.
+    client
+        .publish_with_headers(ask.clone(), with_id("q1"), "abc".into())
+        .await?;
+    client.flush().await?;
+    host.wait_for("the asker", LONG, || async {
+        Ok(host.outcome_count("asker", "acked").await? == 1)
+    })
+    .await?;
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    let kv = wharf::kv::Kv::new(
+        db.store.clone(),
+        "default",
+        wharf::kv::KvQuota {
+            max_keys: 10,
+            max_value_bytes: 100,
+        },
+    );
+    assert_eq!(kv.get("reply:q1")?, Some(b"ABC".to_vec()));
+    Ok(())
+}
+
+/// `[[brokers.n.streams]]` tables for a work stream and a dead-letter stream.
+fn streams(p: &str, s: &str, window_secs: u64) -> String {
+    format!(
+        "[[brokers.n.streams]]\nname = \"{s}_JOBS\"\nsubjects = [\"{p}.js.>\"]\nduplicate_window_secs = {window_secs}\n\n\
+         [[brokers.n.streams]]\nname = \"{s}_DEAD\"\nsubjects = [\"{p}.dead.>\"]\n"
+    )
+}
+
+fn jetstream_handler(name: &str, program: &str, p: &str, s: &str, sub: &str, extra: &str) -> String {
+    handler(
+        name,
+        program,
+        &format!("{p}.js.{sub}"),
+        &format!("dead_letter = \"{p}.dead.{sub}\"\n{extra}"),
+    )
+    .replace(
+        "source = {",
+        &format!("source = {{ broker = \"n\", kind = \"jetstream\", stream = \"{s}_JOBS\","),
+    )
+}
+
+#[tokio::test]
+async fn nats_jetstream_success_retry_dead_letter_dedup() -> Result {
+    let url = url();
+    let Some(client) = connect(&url).await else {
+        return Ok(());
+    };
+    let js = jetstream::new(client.clone());
+    let (p, s) = prefix();
+    let manifest = format!(
+        "{}{}{}{}",
+        broker(&url, &streams(&p, &s, 1)),
+        // Double acks on this one: the server confirms each ack.
+        jetstream_handler("count", "ok", &p, &s, "a", "[handlers.count.dedup]\nttl_secs = 3600\n")
+            .replace("kind = \"jetstream\",", "kind = \"jetstream\", double_ack = true,"),
+        jetstream_handler(
+            "flaky",
+            "flaky",
+            &p,
+            &s,
+            "b",
+            "[handlers.flaky.retry]\ninitial_delay_ms = 10\nmax_delay_ms = 50\n"
+        ),
+        jetstream_handler("validate", "reject", &p, &s, "c", ""),
+    );
+    let setup = Setup::new(&manifest)?;
+    let (code, out, _) = wharf(&["check", &setup.manifest.display().to_string()])?;
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("warning"), "{out}");
+    let host = setup.start().await?;
+    let publish = |subject: String, id: &'static str, body: &'static str| {
+        let js = js.clone();
+        async move {
+            js.publish_with_headers(subject, with_id(id), body.into())
+                .await?
+                .await
+                .map(drop)
+        }
+    };
+    publish(format!("{p}.js.a"), "a1", "{}").await?;
+    publish(format!("{p}.js.a"), "a2", "{}").await?;
+    publish(format!("{p}.js.b"), "f1", "{}").await?;
+    publish(format!("{p}.js.c"), "bad", r#"{"valid": false}"#).await?;
+    // The same id again once the stream's 1 s duplicate window has passed:
+    // only wharf's dedup can catch it now.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    publish(format!("{p}.js.a"), "a1", "{}").await?;
+    host.wait_for("everything handled", LONG, || async {
+        Ok(host.outcome_count("count", "acked").await? == 2
+            && host.outcome_count("count", "deduplicated").await? == 1
+            && host.outcome_count("flaky", "acked").await? == 1
+            && host.outcome_count("validate", "dead_lettered").await? == 1)
+    })
+    .await?;
+    assert_eq!(host.outcome_count("flaky", "retried").await?, 2);
+    let dead = js.get_stream(format!("{s}_DEAD")).await?.get_raw_message(1).await?;
+    let headers = dead.headers;
+    assert_eq!(
+        headers
+            .get("wharf-dead-letter-reason")
+            .map(|v| v.to_string())
+            .as_deref(),
+        Some("rejected")
+    );
+    assert_eq!(
+        headers.get("Nats-Msg-Id").map(|v| v.to_string()).as_deref(),
+        Some("bad:dead")
+    );
+    assert_eq!(&dead.payload[..], br#"{"valid": false}"#);
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    assert_eq!(db.counter("default", "runs:a1"), 1);
+    assert_eq!(db.counter("default", "done:f1"), 3, "the delivery count is the attempt");
+    Ok(())
+}
+
+#[tokio::test]
+async fn nats_jetstream_sigkill_mid_load_then_restart_loses_nothing() -> Result {
+    const MESSAGES: usize = 1500;
+    const CONCURRENCY: usize = 8;
+    let url = url();
+    let Some(client) = connect(&url).await else {
+        return Ok(());
+    };
+    let js = jetstream::new(client.clone());
+    let (p, s) = prefix();
+    let manifest = format!(
+        "{}{}",
+        broker(&url, &streams(&p, &s, 120)),
+        jetstream_handler(
+            "count",
+            "ok",
+            &p,
+            &s,
+            "a",
+            &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 1000\n[handlers.count.dedup]\nttl_secs = 3600\n")
+        ),
+    );
+    let setup = Setup::new(&manifest)?;
+    let host = setup.start().await?;
+    let mut acks = Vec::new();
+    for i in 0..MESSAGES {
+        acks.push(
+            js.publish_with_headers(format!("{p}.js.a"), with_id(&format!("m{i}")), "{}".into())
+                .await?,
+        );
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    host.wait_for("some progress", LONG, || async {
+        Ok(host.outcome_count("count", "acked").await? >= 200)
+    })
+    .await?;
+    host.kill()?;
+    {
+        let db = setup.open()?;
+        let done = (0..MESSAGES)
+            .filter(|i| db.counter("default", &format!("runs:m{i}")) > 0)
+            .count();
+        assert!(
+            done < MESSAGES,
+            "everything was done before the kill; the test proves nothing"
+        );
+    }
+    // Same durable consumer: the restarted host resumes it; what the killed
+    // one held comes back after the ack wait.
+    let host = setup.start().await?;
+    host.wait_for("the consumer to drain", LONG, || {
+        let js = js.clone();
+        let stream = format!("{s}_JOBS");
+        async move {
+            let info = js.get_stream(stream).await?.consumer_info("count").await?;
+            Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+        }
+    })
+    .await?;
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    let mut twice = 0;
+    for i in 0..MESSAGES {
+        let runs = db.counter("default", &format!("runs:m{i}"));
+        assert!(runs >= 1, "message m{i} was lost");
+        if runs > 1 {
+            twice += 1;
+        }
+    }
+    assert!(twice <= CONCURRENCY, "{twice} messages ran twice");
+    Ok(())
+}
+
+/// A private nats-server with JetStream on a free port (the example uses
+/// fixed subjects and stream names).
+struct PrivateNats {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl PrivateNats {
+    fn start() -> Result<Option<Self>> {
+        if std::process::Command::new("nats-server")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("nats-server is required in CI");
+            }
+            eprintln!("SKIPPED: no nats-server binary to start a private server");
+            return Ok(None);
+        }
+        let dir = tempfile::tempdir()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        Ok(Some(Self { child, port, _dir: dir }))
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test]
+async fn nats_example_pipeline_runs_end_to_end() -> Result {
+    let Some(server) = PrivateNats::start()? else {
+        return Ok(());
+    };
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok(c) = async_nats::connect(server.url()).await {
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = client.ok_or_else(|| anyhow::anyhow!("private nats-server did not start"))?;
+    let js = jetstream::new(client.clone());
+    let guests = guests().display().to_string();
+    let text = std::fs::read_to_string(workspace().join("examples/nats/wharf.toml"))?
+        .replace("../../target/nats-example-data", "data")
+        .replace("127.0.0.1:8482", "127.0.0.1:0")
+        .replace("nats://127.0.0.1:4222", &server.url())
+        .replace("../../target/guests/wasm32-wasip2/guest", &guests)
+        .replace("initial_delay_ms = 200", "initial_delay_ms = 10");
+    let setup = Setup::new("")?;
+    std::fs::write(&setup.manifest, text)?;
+    let (code, out, _) = wharf(&["check", &setup.manifest.display().to_string()])?;
+    assert_eq!(code, 0, "{out}");
+    let host = setup.start().await?;
+    let order =
+        |id: &str| format!(r#"{{"id":"{id}","customer":"ada","items":[{{"sku":"pear","qty":2,"price_cents":75}}]}}"#);
+    for id in ["o-1", "o-2"] {
+        js.publish_with_headers("orders", with_id(id), order(id).into())
+            .await?
+            .await?;
+    }
+    js.publish_with_headers(
+        "orders",
+        with_id("o-bad"),
+        r#"{"id":"o-bad","customer":"x","items":[]}"#.into(),
+    )
+    .await?
+    .await?;
+    // The core entry point: keep offering until the subscription is up.
+    host.wait_for("the live order", LONG, || {
+        let client = client.clone();
+        let host = &host;
+        async move {
+            client
+                .publish_with_headers("orders.live", with_id("o-3"), order("o-3").into())
+                .await?;
+            client.flush().await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(host.outcome_count("validate-live-order", "acked").await? >= 1)
+        }
+    })
+    .await?;
+    host.wait_for("three payments", LONG, || async {
+        Ok(host.outcome_count("charge-payment", "acked").await? == 3)
+    })
+    .await?;
+    let dead = js.get_stream("DEAD").await?.get_raw_message(1).await?;
+    assert_eq!(
+        dead.headers.get("Nats-Msg-Id").map(|v| v.to_string()).as_deref(),
+        Some("o-bad:dead")
+    );
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    // o-3 may have been offered (and validated) more than once, but each
+    // copy published "o-3/0", and the stream's duplicate window kept one.
+    assert_eq!(db.counter("shop", "orders:fulfilled"), 3);
+    assert_eq!(db.counter("shop", "payments:charged"), 3);
+    Ok(())
+}
