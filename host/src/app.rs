@@ -80,6 +80,46 @@ impl App {
                     let redis = RedisBroker::new(url, consumer).with_context(|| format!("broker {name:?}"))?;
                     brokers.insert(name.clone(), Broker::Redis(Arc::new(redis)));
                 }
+                BrokerConfig::Amqp {
+                    url,
+                    exchanges,
+                    queues,
+                    bindings,
+                } => {
+                    use crate::broker::amqp::{AmqpBroker, BindingSpec, ExchangeSpec, QueueSpec, Topology};
+                    use crate::manifest::{AmqpExchangeKind as K, AmqpQueueType};
+                    let topology = Topology {
+                        exchanges: exchanges
+                            .iter()
+                            .map(|e| ExchangeSpec {
+                                name: e.name.clone(),
+                                kind: match e.kind {
+                                    K::Direct => "direct",
+                                    K::Topic => "topic",
+                                    K::Fanout => "fanout",
+                                    K::Headers => "headers",
+                                }
+                                .to_string(),
+                            })
+                            .collect(),
+                        queues: queues
+                            .iter()
+                            .map(|q| QueueSpec {
+                                name: q.name.clone(),
+                                quorum: q.queue_type == AmqpQueueType::Quorum,
+                            })
+                            .collect(),
+                        bindings: bindings
+                            .iter()
+                            .map(|b| BindingSpec {
+                                queue: b.queue.clone(),
+                                exchange: b.exchange.clone(),
+                                routing_key: b.routing_key.clone(),
+                            })
+                            .collect(),
+                    };
+                    brokers.insert(name.clone(), Broker::Amqp(Arc::new(AmqpBroker::new(url, topology))));
+                }
                 BrokerConfig::Nats { url, streams } => {
                     let streams = streams
                         .iter()
@@ -148,7 +188,7 @@ impl App {
             let retry = RetryPolicy::from(&h.retry);
             let reclaim_after = delivery::lease_for(Duration::from_millis(h.timeout_ms)) + retry.max_delay;
             let lease = delivery::lease_for(Duration::from_millis(h.timeout_ms));
-            let endpoints = source_broker.endpoints(name, &h.source, h.dead_letter.as_deref(), lease, reclaim_after);
+            let endpoints = source_broker.endpoints(name, h, lease, reclaim_after);
             let dedup = h
                 .dedup
                 .as_ref()
@@ -206,10 +246,13 @@ impl App {
             ));
         }
         for (name, b) in &self.brokers {
-            if let Broker::Redis(redis) = b
-                && let Err(e) = redis.probe().await
-            {
-                tracing::warn!(broker = %name, error = %format!("{e:#}"), "Redis is not reachable yet; not ready until it is");
+            let probe = match b {
+                Broker::Redis(redis) => redis.probe().await,
+                Broker::Amqp(amqp) => amqp.probe().await,
+                Broker::Embedded(_) | Broker::Nats(_) => Ok(()),
+            };
+            if let Err(e) = probe {
+                tracing::warn!(broker = %name, error = %format!("{e:#}"), "broker not reachable yet; not ready until it is");
             }
         }
         let sweeper = tokio::spawn(sweep(self.store.clone()));

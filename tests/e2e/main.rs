@@ -1,6 +1,7 @@
 //! End-to-end tests: the real `wharf` binary, real handler components built
 //! from `tests/programs`, the embedded broker on a temporary data folder.
 
+mod amqp;
 mod harness;
 mod nats;
 mod redis;

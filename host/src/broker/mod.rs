@@ -12,6 +12,7 @@
 //! broker allows (the embedded broker moves a message to its dead-letter queue
 //! in one transaction). One file per backend lives beside this one.
 
+pub mod amqp;
 pub mod embedded;
 pub mod nats;
 pub mod redis;
@@ -106,6 +107,10 @@ pub trait Source: Send + Sync {
     /// from other consumers for `lease`, after which it is delivered again
     /// unless settled. Returns early with none only on error.
     async fn receive(&self, max: usize, lease: Duration) -> Result<Vec<Delivery>>;
+
+    /// Stop taking messages from the broker (shutdown), so that what this
+    /// host releases goes to other consumers rather than back to it.
+    async fn stop(&self) {}
 }
 
 /// Where a handler's publishes go.
@@ -134,6 +139,8 @@ pub enum Broker {
     Redis(Arc<redis::RedisBroker>),
     /// A NATS server.
     Nats(Arc<nats::NatsBroker>),
+    /// A RabbitMQ server.
+    Amqp(Arc<amqp::AmqpBroker>),
 }
 
 /// What a binding needs from its broker.
@@ -151,12 +158,18 @@ impl Broker {
     pub fn endpoints(
         &self,
         handler: &str,
-        cfg: &crate::manifest::SourceConfig,
-        dead_letter: Option<&str>,
+        h: &crate::manifest::HandlerConfig,
         lease: Duration,
         reclaim_after: Duration,
     ) -> Endpoints {
+        let (cfg, dead_letter) = (&h.source, h.dead_letter.as_deref());
         match self {
+            Broker::Amqp(b) => Endpoints {
+                source: b.source(&cfg.subject, u16::try_from(h.concurrency).unwrap_or(u16::MAX)),
+                dead_letter_queue: dead_letter
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("{}.dead", cfg.subject)),
+            },
             Broker::Embedded(b) => Endpoints {
                 source: b.source(&cfg.subject),
                 dead_letter_queue: dead_letter.unwrap_or(&cfg.subject).to_string(),
@@ -202,6 +215,7 @@ impl Broker {
     ) -> Arc<dyn Sink> {
         match self {
             Broker::Embedded(b) => b.sink(),
+            Broker::Amqp(b) => b.sink(to.and_then(|t| t.exchange.as_deref()).unwrap_or("")),
             Broker::Redis(b) => {
                 let kind = to
                     .and_then(|t| redis_kind(t.kind))
@@ -233,7 +247,7 @@ impl Broker {
     /// per host; JetStream's own duplicate window covers publishes).
     pub fn dedup(&self, local: &crate::store::Store) -> Arc<dyn crate::delivery::DedupStore> {
         match self {
-            Broker::Embedded(_) | Broker::Nats(_) => Arc::new(local.clone()),
+            Broker::Embedded(_) | Broker::Nats(_) | Broker::Amqp(_) => Arc::new(local.clone()),
             Broker::Redis(b) => b.dedup(),
         }
     }
@@ -244,6 +258,7 @@ impl Broker {
             Broker::Embedded(_) => true,
             Broker::Redis(b) => b.health().is_up(),
             Broker::Nats(b) => b.is_up(),
+            Broker::Amqp(b) => b.is_up(),
         }
     }
 }

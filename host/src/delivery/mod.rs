@@ -175,6 +175,7 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
             });
         }
     }
+    binding.source.stop().await;
     while in_flight.join_next().await.is_some() {}
 }
 

@@ -97,6 +97,20 @@ pub enum BrokerConfig {
         /// stable across restarts and distinct per host.
         consumer: Option<String>,
     },
+    /// A RabbitMQ server (AMQP 0-9-1).
+    Amqp {
+        /// `amqp://user:password@host:port/vhost` (`%2f` for `/`).
+        url: String,
+        /// Exchanges to declare.
+        #[serde(default)]
+        exchanges: Vec<AmqpExchangeConfig>,
+        /// Queues to declare.
+        #[serde(default)]
+        queues: Vec<AmqpQueueConfig>,
+        /// Bindings to declare.
+        #[serde(default)]
+        bindings: Vec<AmqpBindingConfig>,
+    },
     /// A NATS server (core and JetStream).
     Nats {
         /// `nats://host:port`.
@@ -105,6 +119,65 @@ pub enum BrokerConfig {
         #[serde(default)]
         streams: Vec<NatsStreamConfig>,
     },
+}
+
+/// `[[brokers.<name>.exchanges]]`: a RabbitMQ exchange to declare (durable).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpExchangeConfig {
+    /// Exchange name.
+    pub name: String,
+    /// `direct`, `topic`, `fanout` or `headers`.
+    pub kind: AmqpExchangeKind,
+}
+
+/// RabbitMQ exchange types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AmqpExchangeKind {
+    /// Exact routing key.
+    Direct,
+    /// Routing key patterns (`*` one word, `#` any).
+    Topic,
+    /// Every bound queue.
+    Fanout,
+    /// By header values.
+    Headers,
+}
+
+/// `[[brokers.<name>.queues]]`: a RabbitMQ queue to declare (durable).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpQueueConfig {
+    /// Queue name.
+    pub name: String,
+    /// `classic` (default) or `quorum`.
+    #[serde(default, rename = "type")]
+    pub queue_type: AmqpQueueType,
+}
+
+/// RabbitMQ queue types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AmqpQueueType {
+    /// A classic queue.
+    #[default]
+    Classic,
+    /// A quorum queue (replicated; counts deliveries in `x-delivery-count`).
+    Quorum,
+}
+
+/// `[[brokers.<name>.bindings]]`: bind a queue to an exchange.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpBindingConfig {
+    /// Queue.
+    pub queue: String,
+    /// Exchange.
+    pub exchange: String,
+    /// Routing key (a pattern for topic exchanges). Default "".
+    #[serde(default)]
+    pub routing_key: String,
 }
 
 /// `[[brokers.<name>.streams]]`: a JetStream stream to declare.
@@ -270,6 +343,10 @@ pub struct PublishTo {
     pub kind: Option<SourceKind>,
     /// Redis streams: trim to about this many entries on publish.
     pub maxlen: Option<u64>,
+    /// RabbitMQ: the exchange to publish to (the subject is the routing
+    /// key). Default "": the default exchange, routing to the queue named
+    /// by the subject.
+    pub exchange: Option<String>,
 }
 
 /// `[handlers.<name>.retry]`

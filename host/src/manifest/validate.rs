@@ -140,6 +140,17 @@ fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String), warn: &mut d
                     );
                 }
             }
+            Some(BrokerConfig::Amqp { .. }) => {
+                if !matches!(kind, None | Some(SourceKind::Queue)) {
+                    report(&source_at("kind"), "RabbitMQ sources are `queue`s".into());
+                }
+                if h.source.group.is_some() {
+                    report(&source_at("group"), "`group` does not apply to RabbitMQ sources".into());
+                }
+                if h.concurrency > u32::from(u16::MAX) {
+                    report(&at("concurrency"), "RabbitMQ prefetch is at most 65535".into());
+                }
+            }
             Some(BrokerConfig::Nats { streams, .. }) => match kind {
                 None | Some(SourceKind::Core) => warn(
                     &source_at("kind"),
@@ -170,6 +181,9 @@ fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String), warn: &mut d
         if let Some(to) = &h.publish_to {
             let target = to.broker.as_deref().unwrap_or(broker);
             let at = |field: &'static str| ["handlers", name.as_str(), "publish_to", field];
+            if to.exchange.is_some() && !matches!(m.brokers.get(target), Some(BrokerConfig::Amqp { .. })) {
+                report(&at("exchange"), "`exchange` applies to RabbitMQ targets only".into());
+            }
             match m
                 .brokers
                 .get(target)
@@ -197,6 +211,17 @@ fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String), warn: &mut d
                             &at("kind"),
                             "Redis publish targets are `stream`, `list` or `channel`".into(),
                         );
+                    }
+                }
+                Some(BrokerConfig::Amqp { .. }) => {
+                    if to.kind.is_some_and(|k| k != SourceKind::Queue) {
+                        report(
+                            &at("kind"),
+                            "RabbitMQ publishes to an exchange: set `exchange`, not `kind`".into(),
+                        );
+                    }
+                    if to.maxlen.is_some() {
+                        report(&at("maxlen"), "`maxlen` applies to Redis streams only".into());
                     }
                 }
                 Some(BrokerConfig::Nats { .. }) => {

@@ -1,0 +1,327 @@
+//! RabbitMQ end-to-end tests against a real RabbitMQ
+//! (`WHARF_TEST_AMQP_URL`, default `amqp://guest:guest@127.0.0.1:5672/%2f`).
+//! With `CI=true` an unreachable server fails them; elsewhere they are
+//! skipped, loudly.
+
+use std::time::Duration;
+
+use lapin::options::{BasicGetOptions, BasicPublishOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+
+use crate::harness::*;
+
+const LONG: Duration = Duration::from_secs(90);
+
+/// The connection-drop test closes every connection on the broker, so the
+/// RabbitMQ tests take turns.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn url() -> String {
+    std::env::var("WHARF_TEST_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+async fn connect(url: &str) -> Option<Channel> {
+    let attempt = async {
+        let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+        let ch = conn.create_channel().await?;
+        // The connection lives as long as the channel's users need it.
+        std::mem::forget(conn);
+        Ok::<_, lapin::Error>(ch)
+    };
+    match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+        Ok(Ok(ch)) => Some(ch),
+        other => {
+            let why = match other {
+                Ok(Err(e)) => e.to_string(),
+                _ => "timed out".into(),
+            };
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("RabbitMQ at {url} is required in CI: {why}");
+            }
+            eprintln!("SKIPPED: RabbitMQ at {url} is not reachable ({why}); set WHARF_TEST_AMQP_URL");
+            None
+        }
+    }
+}
+
+fn prefix() -> String {
+    let n = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .subsec_nanos();
+    format!("wt{:08x}", n ^ (std::process::id() << 8))
+}
+
+async fn publish(ch: &Channel, exchange: &str, key: &str, id: &str, body: &str) -> Result {
+    let props = BasicProperties::default()
+        .with_message_id(id.into())
+        .with_delivery_mode(2);
+    ch.basic_publish(
+        exchange.into(),
+        key.into(),
+        BasicPublishOptions::default(),
+        body.as_bytes(),
+        props,
+    )
+    .await?;
+    Ok(())
+}
+
+/// Messages ready in `queue` (declares it passively).
+async fn ready(ch: &Channel, queue: &str) -> Result<u32> {
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(q.message_count())
+}
+
+fn broker(url: &str, topology: &str) -> String {
+    format!("[brokers.mq]\nkind = \"amqp\"\nurl = {url:?}\n{topology}\n")
+}
+
+fn on_mq(handler_toml: String) -> String {
+    handler_toml.replace("source = {", "source = { broker = \"mq\",")
+}
+
+fn queues(p: &str, names: &[&str], kind: &str) -> String {
+    names
+        .iter()
+        .map(|n| format!("[[brokers.mq.queues]]\nname = \"{p}.{n}\"\ntype = \"{kind}\"\n"))
+        .collect()
+}
+
+#[tokio::test]
+async fn amqp_success_retry_dead_letter_dedup_and_topic_routing() -> Result {
+    let _turn = SERIAL.lock().await;
+    let url = url();
+    let Some(ch) = connect(&url).await else { return Ok(()) };
+    let p = prefix();
+    let topology = format!(
+        "{}[[brokers.mq.exchanges]]\nname = \"{p}.events\"\nkind = \"topic\"\n\
+         [[brokers.mq.bindings]]\nqueue = \"{p}.t1\"\nexchange = \"{p}.events\"\nrouting_key = \"order.*\"\n\
+         [[brokers.mq.bindings]]\nqueue = \"{p}.t2\"\nexchange = \"{p}.events\"\nrouting_key = \"order.#\"\n",
+        queues(&p, &["a", "b", "c", "t1", "t2"], "classic")
+    );
+    let manifest = format!(
+        "{}{}{}{}{}{}",
+        broker(&url, &topology),
+        on_mq(handler(
+            "count",
+            "ok",
+            &format!("{p}.a"),
+            "[handlers.count.dedup]\nttl_secs = 3600\n"
+        )),
+        on_mq(handler(
+            "flaky",
+            "flaky",
+            &format!("{p}.b"),
+            "[handlers.flaky.retry]\ninitial_delay_ms = 50\nmax_delay_ms = 100\n"
+        )),
+        on_mq(handler("validate", "reject", &format!("{p}.c"), "")),
+        on_mq(handler("one", "ok", &format!("{p}.t1"), "")),
+        on_mq(handler("any", "ok", &format!("{p}.t2"), "")),
+    );
+    let setup = Setup::new(&manifest)?;
+    let host = setup.start().await?;
+    publish(&ch, "", &format!("{p}.a"), "a1", "{}").await?;
+    publish(&ch, "", &format!("{p}.a"), "a2", "{}").await?;
+    publish(&ch, "", &format!("{p}.a"), "a1", "{}").await?;
+    publish(&ch, "", &format!("{p}.b"), "f1", "{}").await?;
+    publish(&ch, "", &format!("{p}.c"), "bad", r#"{"valid": false}"#).await?;
+    publish(&ch, &format!("{p}.events"), "order.created", "e1", "{}").await?;
+    publish(&ch, &format!("{p}.events"), "order.created.eu", "e2", "{}").await?;
+    host.wait_for("everything handled", LONG, || async {
+        Ok(host.outcome_count("count", "acked").await? == 2
+            && host.outcome_count("count", "deduplicated").await? == 1
+            && host.outcome_count("flaky", "acked").await? == 1
+            && host.outcome_count("validate", "dead_lettered").await? == 1
+            && host.outcome_count("one", "acked").await? == 1
+            && host.outcome_count("any", "acked").await? == 2)
+    })
+    .await?;
+    assert_eq!(host.outcome_count("flaky", "retried").await?, 2);
+    let dead = ch
+        .basic_get(format!("{p}.c.dead").as_str().into(), BasicGetOptions { no_ack: true })
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("no dead letter"))?;
+    let headers = dead.delivery.properties.headers().clone().unwrap_or_default();
+    let reason = match headers.inner().get("wharf-dead-letter-reason") {
+        Some(lapin::types::AMQPValue::LongString(s)) => s.to_string(),
+        other => format!("{other:?}"),
+    };
+    assert_eq!(reason, "rejected");
+    assert_eq!(
+        dead.delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .as_deref(),
+        Some("bad")
+    );
+    assert_eq!(&dead.delivery.data[..], br#"{"valid": false}"#);
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    assert_eq!(db.counter("default", "runs:a1"), 1);
+    assert_eq!(
+        db.counter("default", "done:f1"),
+        3,
+        "attempts carried through the retry queue"
+    );
+    assert_eq!(db.counter("default", "runs:e1"), 2, "routed to both topic queues");
+    assert_eq!(db.counter("default", "runs:e2"), 1, "routed to the `#` queue only");
+    Ok(())
+}
+
+#[tokio::test]
+async fn amqp_quorum_queue_counts_redeliveries_as_attempts() -> Result {
+    let _turn = SERIAL.lock().await;
+    let url = url();
+    let Some(ch) = connect(&url).await else { return Ok(()) };
+    let p = prefix();
+    let topology = queues(&p, &["q"], "quorum");
+    let q = format!("{p}.q");
+    // First host: holds the message past its shutdown grace, so it is
+    // released (nack + requeue); the quorum queue counts that delivery.
+    let slow = Setup::new(&format!(
+        "{}{}",
+        broker(&url, &topology),
+        on_mq(handler("slow", "slow", &q, "config = { sleep_ms = \"4000\" }\n"))
+    ))?;
+    let text = std::fs::read_to_string(&slow.manifest)?.replace("shutdown_grace_ms = 5000", "shutdown_grace_ms = 200");
+    std::fs::write(&slow.manifest, text)?;
+    let host = slow.start().await?;
+    publish(&ch, "", &q, "q1", "{}").await?;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(host.terminate()?, 0);
+    // Second host: records the attempt it sees.
+    let flaky = Setup::new(&format!(
+        "{}{}",
+        broker(&url, &topology),
+        on_mq(handler(
+            "flaky",
+            "flaky",
+            &q,
+            "config = { succeed_on_attempt = \"1\" }\n"
+        ))
+    ))?;
+    let host = flaky.start().await?;
+    host.wait_for("the message", LONG, || async {
+        Ok(host.outcome_count("flaky", "acked").await? == 1)
+    })
+    .await?;
+    assert_eq!(host.terminate()?, 0);
+    assert_eq!(
+        flaky.open()?.counter("default", "done:q1"),
+        2,
+        "x-delivery-count made this attempt 2"
+    );
+    Ok(())
+}
+
+async fn load_then_disrupt(disrupt: &str) -> Result {
+    const MESSAGES: usize = 1000;
+    const CONCURRENCY: usize = 8;
+    let _turn = SERIAL.lock().await;
+    let url = url();
+    let Some(ch) = connect(&url).await else { return Ok(()) };
+    let p = prefix();
+    let q = format!("{p}.jobs");
+    let manifest = format!(
+        "{}{}",
+        broker(&url, &queues(&p, &["jobs"], "classic")),
+        on_mq(handler(
+            "count",
+            "slow",
+            &q,
+            &format!(
+                "concurrency = {CONCURRENCY}\nconfig = {{ sleep_ms = \"2\" }}\n[handlers.count.dedup]\nttl_secs = 3600\n"
+            )
+        )),
+    );
+    let setup = Setup::new(&manifest)?;
+    let host = setup.start().await?;
+    for i in 0..MESSAGES {
+        publish(&ch, "", &q, &format!("m{i}"), "{}").await?;
+    }
+    host.wait_for("some progress", LONG, || async {
+        Ok(host.outcome_count("count", "acked").await? >= 150)
+    })
+    .await?;
+    let host = if disrupt == "kill" {
+        host.kill()?;
+        assert!(
+            ready(&ch, &q).await? > 0,
+            "everything was done before the kill; the test proves nothing"
+        );
+        setup.start().await?
+    } else {
+        // Drop every client connection on the broker (ours too).
+        let out = std::process::Command::new("rabbitmqctl")
+            .args(["close_all_connections", "wharf test"])
+            .output()?;
+        assert!(
+            out.status.success(),
+            "rabbitmqctl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        host
+    };
+    let ch = match connect(&url).await {
+        Some(ch) => ch,
+        None => anyhow::bail!("reconnecting to RabbitMQ"),
+    };
+    // Empty twice, a second and a half apart: messages a dropped connection
+    // held go back to the queue, and may do so just after a first look.
+    for _ in 0..2 {
+        host.wait_for("the queue to drain", LONG, || {
+            let ch = ch.clone();
+            let q = q.clone();
+            async move { Ok(ready(&ch, &q).await? + ready(&ch, &format!("{q}.wharf-retry")).await? == 0) }
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    let mut twice = 0;
+    for i in 0..MESSAGES {
+        let runs = db.counter("default", &format!("runs:m{i}"));
+        assert!(runs >= 1, "message m{i} was lost");
+        if runs > 1 {
+            twice += 1;
+        }
+    }
+    assert!(twice <= CONCURRENCY, "{twice} messages ran twice");
+    assert_eq!(ready(&ch, &q).await?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn amqp_sigkill_mid_load_then_restart_loses_nothing() -> Result {
+    load_then_disrupt("kill").await
+}
+
+#[tokio::test]
+async fn amqp_connection_dropped_mid_load_then_recovered() -> Result {
+    if std::process::Command::new("rabbitmqctl")
+        .arg("--help")
+        .output()
+        .is_err()
+    {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("rabbitmqctl is required in CI");
+        }
+        eprintln!("SKIPPED: no rabbitmqctl to drop connections with");
+        return Ok(());
+    }
+    load_then_disrupt("drop").await
+}
