@@ -325,3 +325,67 @@ async fn amqp_connection_dropped_mid_load_then_recovered() -> Result {
     }
     load_then_disrupt("drop").await
 }
+
+/// Run `rabbitmqctl <args>`, failing loudly.
+fn rabbitmqctl(args: &[&str]) -> Result {
+    let out = std::process::Command::new("rabbitmqctl").args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn amqp_example_pipeline_runs_end_to_end() -> Result {
+    let _turn = SERIAL.lock().await;
+    if connect(&url()).await.is_none() {
+        return Ok(());
+    }
+    // The example uses fixed names: give it a virtual host of its own.
+    let vhost = format!("wharf-example-{}", prefix());
+    rabbitmqctl(&["add_vhost", &vhost])?;
+    rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"])?;
+    let url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
+    let result = async {
+        let guests = guests().display().to_string();
+        let text = std::fs::read_to_string(workspace().join("examples/rabbitmq/wharf.toml"))?
+            .replace("../../target/rabbitmq-example-data", "data")
+            .replace("127.0.0.1:8483", "127.0.0.1:0")
+            .replace("amqp://guest:guest@127.0.0.1:5672/%2f", &url)
+            .replace("../../target/guests/wasm32-wasip2/guest", &guests)
+            .replace("initial_delay_ms = 200", "initial_delay_ms = 10");
+        let setup = Setup::new("")?;
+        std::fs::write(&setup.manifest, text)?;
+        let host = setup.start().await?;
+        let ch = connect(&url)
+            .await
+            .ok_or_else(|| anyhow::anyhow!("connecting to the example vhost"))?;
+        let order = |id: &str| {
+            format!(r#"{{"id":"{id}","customer":"ada","items":[{{"sku":"pear","qty":2,"price_cents":75}}]}}"#)
+        };
+        publish(&ch, "shop", "order.eu", "o-1", &order("o-1")).await?;
+        publish(&ch, "shop", "order.us", "o-2", &order("o-2")).await?;
+        publish(
+            &ch,
+            "shop",
+            "order.eu",
+            "o-bad",
+            r#"{"id":"o-bad","customer":"x","items":[]}"#,
+        )
+        .await?;
+        host.wait_for("two payments", LONG, || async {
+            Ok(host.outcome_count("charge-payment", "acked").await? == 2)
+        })
+        .await?;
+        assert_eq!(ready(&ch, "orders.dead").await?, 1);
+        assert_eq!(host.terminate()?, 0);
+        let db = setup.open()?;
+        assert_eq!(db.counter("shop", "payments:charged"), 2);
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    let _ = rabbitmqctl(&["delete_vhost", &vhost]);
+    result
+}
