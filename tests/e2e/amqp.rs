@@ -31,15 +31,12 @@ async fn connect(url: &str) -> Option<Channel> {
     };
     match tokio::time::timeout(Duration::from_secs(5), attempt).await {
         Ok(Ok(ch)) => Some(ch),
-        other => {
-            let why = match other {
-                Ok(Err(e)) => e.to_string(),
-                _ => "timed out".into(),
-            };
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("RabbitMQ at {url} is required in CI: {why}");
-            }
-            eprintln!("SKIPPED: RabbitMQ at {url} is not reachable ({why}); set WHARF_TEST_AMQP_URL");
+        Ok(Err(e)) => {
+            unavailable(&format!("RabbitMQ at {url} (WHARF_TEST_AMQP_URL)"), e);
+            None
+        }
+        Err(_) => {
+            unavailable(&format!("RabbitMQ at {url} (WHARF_TEST_AMQP_URL)"), "timed out");
             None
         }
     }
@@ -312,15 +309,7 @@ async fn amqp_sigkill_mid_load_then_restart_loses_nothing() -> Result {
 
 #[tokio::test]
 async fn amqp_connection_dropped_mid_load_then_recovered() -> Result {
-    if std::process::Command::new("rabbitmqctl")
-        .arg("--help")
-        .output()
-        .is_err()
-    {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("rabbitmqctl is required in CI");
-        }
-        eprintln!("SKIPPED: no rabbitmqctl to drop connections with");
+    if !have_binary("rabbitmqctl") {
         return Ok(());
     }
     load_then_disrupt("drop").await
@@ -349,15 +338,11 @@ async fn amqp_example_pipeline_runs_end_to_end() -> Result {
     rabbitmqctl(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"])?;
     let url = format!("amqp://guest:guest@127.0.0.1:5672/{vhost}");
     let result = async {
-        let guests = guests().display().to_string();
-        let text = std::fs::read_to_string(workspace().join("examples/rabbitmq/wharf.toml"))?
-            .replace("../../target/rabbitmq-example-data", "data")
-            .replace("127.0.0.1:8483", "127.0.0.1:0")
-            .replace("amqp://guest:guest@127.0.0.1:5672/%2f", &url)
-            .replace("../../target/guests/wasm32-wasip2/guest", &guests)
-            .replace("initial_delay_ms = 200", "initial_delay_ms = 10");
-        let setup = Setup::new("")?;
-        std::fs::write(&setup.manifest, text)?;
+        let setup = example(
+            "rabbitmq",
+            "127.0.0.1:8483",
+            &[("amqp://guest:guest@127.0.0.1:5672/%2f", &url)],
+        )?;
         let host = setup.start().await?;
         let ch = connect(&url)
             .await

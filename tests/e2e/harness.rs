@@ -304,3 +304,51 @@ pub fn handler(name: &str, program_name: &str, subject: &str, extra: &str) -> St
         program(program_name).display().to_string()
     )
 }
+
+/// A broker or binary the tests need is missing: a failure under `CI=true`,
+/// a loud skip elsewhere. Returns so the caller can `return Ok(())`.
+pub fn unavailable(what: &str, why: impl std::fmt::Display) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{what} is required in CI: {why}");
+    }
+    eprintln!("SKIPPED: {what} is not available ({why})");
+}
+
+/// Whether `program` can be run; `unavailable` when not.
+pub fn have_binary(program: &str) -> bool {
+    let ok = std::process::Command::new(program).arg("--version").output().is_ok();
+    if !ok {
+        unavailable(program, "not on PATH");
+    }
+    ok
+}
+
+/// The value of the first header `key`.
+pub fn header<'a>(headers: &'a [(String, String)], key: &str) -> &'a str {
+    headers
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .unwrap_or("")
+}
+
+/// A setup running `examples/<name>/wharf.toml` in a temporary folder: its
+/// data folder, HTTP port (`http`) and component paths rewritten, retry
+/// delays shortened, and each `(from, to)` of `more` replaced.
+pub fn example(name: &str, http: &str, more: &[(&str, &str)]) -> Result<Setup> {
+    let mut text = std::fs::read_to_string(workspace().join(format!("examples/{name}/wharf.toml")))?
+        .replace(&format!("../../target/{name}-example-data"), "data")
+        .replace("../../target/quickstart-data", "data")
+        .replace(http, "127.0.0.1:0")
+        .replace(
+            "../../target/guests/wasm32-wasip2/guest",
+            &guests().display().to_string(),
+        )
+        .replace("initial_delay_ms = 200", "initial_delay_ms = 10");
+    for (from, to) in more {
+        text = text.replace(from, to);
+    }
+    let setup = Setup::new("")?;
+    std::fs::write(&setup.manifest, text)?;
+    Ok(setup)
+}

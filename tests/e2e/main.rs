@@ -13,14 +13,6 @@ use harness::*;
 
 const LONG: Duration = Duration::from_secs(90);
 
-fn header<'a>(headers: &'a [(String, String)], key: &str) -> &'a str {
-    headers
-        .iter()
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
-        .unwrap_or("")
-}
-
 /// Every program in tests/programs/src/bin must be run by some test here.
 #[test]
 fn every_test_program_is_used() {
@@ -440,14 +432,7 @@ async fn graceful_shutdown_releases_in_flight_without_counting_the_attempt() -> 
 
 #[tokio::test]
 async fn quickstart_pipeline_runs_end_to_end() -> Result {
-    let guests = guests().display().to_string();
-    let text = std::fs::read_to_string(workspace().join("examples/quickstart/wharf.toml"))?
-        .replace("../../target/quickstart-data", "data")
-        .replace("127.0.0.1:8480", "127.0.0.1:0")
-        .replace("../../target/guests/wasm32-wasip2/guest", &guests)
-        .replace("initial_delay_ms = 200", "initial_delay_ms = 10");
-    let setup = Setup::new("")?;
-    std::fs::write(&setup.manifest, text)?;
+    let setup = example("quickstart", "127.0.0.1:8480", &[])?;
     let host = setup.start().await?;
     for i in 0..3 {
         let order =

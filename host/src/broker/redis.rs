@@ -985,15 +985,7 @@ impl ListSource {
 
     async fn start(&self) -> Result<()> {
         let k = &self.keys;
-        let mut pipe = redis::pipe();
-        pipe.cmd("SET")
-            .arg(&k.heartbeat)
-            .arg(1)
-            .arg("PX")
-            .arg(HEARTBEAT_TTL.as_millis() as u64)
-            .ignore();
-        pipe.cmd("SADD").arg(&k.consumers).arg(&k.consumer).ignore();
-        let _: () = self.commands.pipe(&pipe).await?;
+        heartbeat(k, &self.commands).await?;
         // Our own processing list from before a restart goes back first.
         let n: i64 = self
             .commands
@@ -1029,6 +1021,19 @@ impl ListSource {
     }
 }
 
+/// Say this consumer is alive (for `HEARTBEAT_TTL`) and known.
+async fn heartbeat(k: &ListKeys, commands: &Conn) -> Result<()> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET")
+        .arg(&k.heartbeat)
+        .arg(1)
+        .arg("PX")
+        .arg(HEARTBEAT_TTL.as_millis() as u64)
+        .ignore();
+    pipe.cmd("SADD").arg(&k.consumers).arg(&k.consumer).ignore();
+    commands.pipe::<()>(&pipe).await
+}
+
 /// Heartbeat, reaper of dead consumers and promoter of delayed jobs, for as
 /// long as the source lives.
 async fn list_maintenance(keys: std::sync::Weak<ListKeys>, commands: Arc<Conn>) {
@@ -1056,15 +1061,7 @@ async fn list_maintenance(keys: std::sync::Weak<ListKeys>, commands: Arc<Conn>) 
         }
         if last_beat.elapsed() >= HEARTBEAT_TTL / 3 {
             last_beat = Instant::now();
-            let mut pipe = redis::pipe();
-            pipe.cmd("SET")
-                .arg(&k.heartbeat)
-                .arg(1)
-                .arg("PX")
-                .arg(HEARTBEAT_TTL.as_millis() as u64)
-                .ignore();
-            pipe.cmd("SADD").arg(&k.consumers).arg(&k.consumer).ignore();
-            let _ = commands.pipe::<()>(&pipe).await;
+            let _ = heartbeat(&k, &commands).await;
         }
         if last_reap.elapsed() >= HEARTBEAT_TTL / 3 {
             last_reap = Instant::now();
