@@ -587,3 +587,73 @@ fn readme_example_error_is_what_wharf_prints() -> Result {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn publish_and_log_caps_hold_per_attempt() -> Result {
+    let setup = Setup::new(&handler(
+        "limits",
+        "limits",
+        "jobs",
+        "publish = [\"out\"]\nmax_publishes = 7\nmax_log_bytes = 5000\n",
+    ))?;
+    let host = setup.start().await?;
+    host.publish("jobs", "{}", Some("l1")).await?;
+    host.wait_for("the attempt", LONG, || async {
+        Ok(host.outcome_count("limits", "acked").await? == 1)
+    })
+    .await?;
+    let logs = host.logs();
+    assert_eq!(
+        logs.matches(&"y".repeat(1000)).count(),
+        5,
+        "only max_log_bytes of log lines are kept"
+    );
+    assert!(
+        logs.contains("log lines dropped") && logs.contains("dropped=95"),
+        "{logs}"
+    );
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    assert_eq!(db.counter("default", "published:l1"), 7);
+    assert_eq!(db.stats().iter().find(|s| s.name == "out").map(|s| s.ready), Some(7));
+    Ok(())
+}
+
+#[tokio::test]
+async fn compiled_components_are_cached_and_tampered_artifacts_refused() -> Result {
+    let setup = Setup::new(&handler("count", "ok", "jobs", ""))?;
+    setup.start().await?.terminate()?;
+    let cache = setup.data_dir().join("cache");
+    let artifacts: Vec<_> = std::fs::read_dir(&cache)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    assert_eq!(artifacts.len(), 1, "one compiled artifact per component");
+
+    // A restart loads it instead of compiling.
+    let host = setup.start().await?;
+    assert!(
+        host.logs().contains("loaded compiled component from cache"),
+        "{}",
+        host.logs()
+    );
+    assert!(!host.logs().contains("compiling component"));
+    host.terminate()?;
+
+    // An artifact changed behind the host's back is not deserialised.
+    let mut bytes = std::fs::read(&artifacts[0])?;
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&artifacts[0], bytes)?;
+    let host = setup.start().await?;
+    let logs = host.logs();
+    assert!(
+        logs.contains("checksum does not match") && logs.contains("compiling component"),
+        "{logs}"
+    );
+    host.publish("jobs", "{}", Some("after")).await?;
+    host.wait_drained(LONG).await?;
+    assert_eq!(host.outcome_count("count", "acked").await?, 1);
+    host.terminate()?;
+    Ok(())
+}

@@ -212,8 +212,12 @@ impl Runtime {
             .join(format!("{digest}-{:016x}.cwasm", engine_hash.finish()));
 
         let component = match self.read_cache(&cached) {
-            Some(component) => component,
+            Some(component) => {
+                tracing::debug!(component = %path.display(), cache = %cached.display(), "loaded compiled component from cache");
+                component
+            }
             None => {
+                tracing::debug!(component = %path.display(), "compiling component");
                 let compiled = self
                     .engine
                     .precompile_component(&bytes)
