@@ -24,11 +24,29 @@ type Job = Box<dyn FnOnce(&WriteTransaction) -> Completion + Send>;
 /// Most writes folded into one transaction.
 const MAX_GROUP: usize = 512;
 
-/// A handle to the database; cheap to clone.
+/// A handle to the database; cheap to clone. When the last handle is
+/// dropped, the writer finishes the writes already queued and the database
+/// is closed before the drop returns, so the file can be opened again at once.
 #[derive(Clone)]
 pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     db: Arc<Database>,
-    jobs: mpsc::UnboundedSender<Job>,
+    jobs: Option<mpsc::UnboundedSender<Job>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer's loop; it drops its database
+        // handle on the way out.
+        self.jobs.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 impl Store {
@@ -50,11 +68,17 @@ impl Store {
         let db = Arc::new(db);
         let (jobs, rx) = mpsc::unbounded_channel();
         let writer_db = db.clone();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name("wharf-store-writer".into())
             .spawn(move || writer(writer_db, rx))
             .context("starting the store writer thread")?;
-        Ok(Self { db, jobs })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                jobs: Some(jobs),
+                writer: Some(writer),
+            }),
+        })
     }
 
     /// Run `f` in a write transaction shared with other writers; resolves
@@ -74,15 +98,14 @@ impl Store {
                 });
             })
         });
-        self.jobs
-            .send(job)
-            .map_err(|_| anyhow!("the store writer has stopped"))?;
+        let jobs = self.inner.jobs.as_ref().ok_or_else(|| anyhow!("the store is closed"))?;
+        jobs.send(job).map_err(|_| anyhow!("the store writer has stopped"))?;
         rx.await.map_err(|_| anyhow!("the store writer dropped a write"))?
     }
 
     /// Run `f` in a read transaction (a consistent snapshot).
     pub fn read<R>(&self, f: impl FnOnce(&ReadTransaction) -> Result<R>) -> Result<R> {
-        let txn = self.db.begin_read()?;
+        let txn = self.inner.db.begin_read()?;
         f(&txn)
     }
 }
