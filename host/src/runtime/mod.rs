@@ -41,6 +41,10 @@ mod bindings {
 
 pub use bindings::wharf::handler::types::{HandlerError, Message};
 
+/// Bytes of each reused linear memory and table reset with memset (kept
+/// resident) rather than madvise; a small handler's whole heap fits.
+const KEEP_RESIDENT: usize = 1 << 20;
+
 /// One epoch tick. The CPU budget is counted in ticks, so it is enforced to
 /// within a tick; 10 ms keeps the ticker thread's cost negligible.
 pub const TICK: Duration = Duration::from_millis(10);
@@ -155,7 +159,14 @@ impl Runtime {
             .total_memories(slots.saturating_mul(2))
             .total_tables(slots.saturating_mul(4))
             .total_stacks(slots)
-            .max_memory_size(cfg.max_memory_bytes);
+            .max_memory_size(cfg.max_memory_bytes)
+            // Reset a reused slot with memset instead of madvise: the pages
+            // stay resident, so the next instance takes no page faults and
+            // the kernel no TLB shootdowns. Memory is still zeroed between
+            // instances. (docs/BENCHMARKS.md has the before/after.)
+            .linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(KEEP_RESIDENT)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         let mut config = Config::new();
         config
             .epoch_interruption(true)
