@@ -172,12 +172,26 @@ impl Host {
 
     /// Publish through the HTTP API; returns the id.
     pub async fn publish(&self, subject: &str, payload: &str, id: Option<&str>) -> Result<String> {
+        self.publish_delayed(subject, payload, id, 0).await
+    }
+
+    /// Publish through the HTTP API, due `delay_ms` from now; returns the id.
+    pub async fn publish_delayed(
+        &self,
+        subject: &str,
+        payload: &str,
+        id: Option<&str>,
+        delay_ms: u64,
+    ) -> Result<String> {
         let mut req = self
             .client
             .post(format!("{}/v1/publish/{subject}", self.url))
             .body(payload.to_string());
         if let Some(id) = id {
             req = req.query(&[("id", id)]);
+        }
+        if delay_ms > 0 {
+            req = req.query(&[("delay_ms", delay_ms)]);
         }
         let resp = req.send().await?;
         anyhow::ensure!(resp.status().as_u16() == 202, "publish failed: {}", resp.text().await?);

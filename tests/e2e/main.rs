@@ -657,3 +657,72 @@ async fn compiled_components_are_cached_and_tampered_artifacts_refused() -> Resu
     host.terminate()?;
     Ok(())
 }
+
+#[tokio::test]
+async fn delayed_publish_is_not_delivered_early() -> Result {
+    let setup = Setup::new(&handler("count", "ok", "jobs", ""))?;
+    let host = setup.start().await?;
+    let published = std::time::Instant::now();
+    host.publish_delayed("jobs", "{}", Some("later"), 1500).await?;
+    host.publish("jobs", "{}", Some("now")).await?;
+    host.wait_for("the immediate one", LONG, || async {
+        Ok(host.outcome_count("count", "acked").await? >= 1)
+    })
+    .await?;
+    let stats = host.stats().await?;
+    if published.elapsed() < Duration::from_millis(1400) {
+        assert_eq!(
+            host.outcome_count("count", "acked").await?,
+            1,
+            "the delayed message ran early"
+        );
+        assert_eq!(
+            stats.iter().find(|s| s.name == "jobs").map(|s| s.pending),
+            Some(1),
+            "{stats:?}"
+        );
+    }
+    host.wait_for("the delayed one", LONG, || async {
+        Ok(host.outcome_count("count", "acked").await? == 2)
+    })
+    .await?;
+    assert!(
+        published.elapsed() >= Duration::from_millis(1500),
+        "delivered before its due time"
+    );
+    assert_eq!(host.terminate()?, 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn rate_limit_caps_messages_per_period() -> Result {
+    let setup = Setup::new(&handler(
+        "count",
+        "ok",
+        "jobs",
+        "concurrency = 8\n[handlers.count.rate_limit]\nmessages = 4\nper_ms = 1000\n",
+    ))?;
+    let host = setup.start().await?;
+    for i in 0..12 {
+        host.publish("jobs", "{}", Some(&format!("r{i}"))).await?;
+    }
+    host.wait_for("the first burst", LONG, || async {
+        Ok(host.outcome_count("count", "acked").await? >= 4)
+    })
+    .await?;
+    let burst_done = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Within 400 ms of the burst at most the burst and two more (one per
+    // 250 ms) can have gone through, however slow this machine is.
+    let within = host.outcome_count("count", "acked").await?;
+    let elapsed = burst_done.elapsed();
+    let allowed = 4 + 1 + (elapsed.as_millis() / 250) as u64;
+    assert!(
+        within <= allowed,
+        "{within} handled within {elapsed:?} of a 4-per-second burst"
+    );
+    host.wait_drained(LONG).await?;
+    assert_eq!(host.outcome_count("count", "acked").await?, 12);
+    assert_eq!(host.terminate()?, 0);
+    Ok(())
+}
