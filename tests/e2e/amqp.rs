@@ -289,15 +289,7 @@ async fn load_then_disrupt(disrupt: &str) -> Result {
     }
     assert_eq!(host.terminate()?, 0);
     let db = setup.open()?;
-    let mut twice = 0;
-    for i in 0..MESSAGES {
-        let runs = db.counter("default", &format!("runs:m{i}"));
-        assert!(runs >= 1, "message m{i} was lost");
-        if runs > 1 {
-            twice += 1;
-        }
-    }
-    assert!(twice <= CONCURRENCY, "{twice} messages ran twice");
+    db.assert_every_message_handled((0..MESSAGES).map(|i| format!("m{i}")), CONCURRENCY);
     assert_eq!(ready(&ch, &q).await?, 0);
     Ok(())
 }

@@ -110,6 +110,24 @@ impl Offline {
             .unwrap_or(0)
     }
 
+    /// Assert that every id of `ids` was handled (its `runs:<id>` counter in
+    /// the default tenant is at least 1) and that at most `max_twice` ran
+    /// more than once: the messages in flight when a host died.
+    pub fn assert_every_message_handled(&self, ids: impl IntoIterator<Item = String>, max_twice: usize) {
+        let mut twice = 0;
+        for id in ids {
+            let runs = self.counter("default", &format!("runs:{id}"));
+            assert!(runs >= 1, "message {id} was lost");
+            if runs > 1 {
+                twice += 1;
+            }
+        }
+        assert!(
+            twice <= max_twice,
+            "{twice} messages ran twice (at most {max_twice} were in flight)"
+        );
+    }
+
     pub fn stats(&self) -> Vec<QueueStats> {
         self.broker.stats().expect("stats")
     }

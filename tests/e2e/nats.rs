@@ -359,15 +359,7 @@ async fn nats_jetstream_sigkill_mid_load_then_restart_loses_nothing() -> Result 
     .await?;
     assert_eq!(host.terminate()?, 0);
     let db = setup.open()?;
-    let mut twice = 0;
-    for i in 0..MESSAGES {
-        let runs = db.counter("default", &format!("runs:m{i}"));
-        assert!(runs >= 1, "message m{i} was lost");
-        if runs > 1 {
-            twice += 1;
-        }
-    }
-    assert!(twice <= CONCURRENCY, "{twice} messages ran twice");
+    db.assert_every_message_handled((0..MESSAGES).map(|i| format!("m{i}")), CONCURRENCY);
     Ok(())
 }
 

@@ -448,35 +448,7 @@ async fn sigkill_mid_load(kind: &str) -> Result {
     .await?;
     assert_eq!(host.terminate()?, 0);
     let db = setup.open()?;
-    let mut twice = 0;
-    for i in 0..MESSAGES {
-        let runs = db.counter("default", &format!("runs:{p}m{i}"));
-        if runs < 1 {
-            let needle = format!("{p}m{i}");
-            let mut trail = String::new();
-            for entry in std::fs::read_dir(setup.data_dir())? {
-                let path = entry?.path();
-                if path.extension().is_some_and(|e| e == "log") {
-                    let text = std::fs::read_to_string(&path)?;
-                    trail += &text
-                        .lines()
-                        .filter(|l| l.contains(&needle) || l.contains("WARN") || l.contains("ERROR"))
-                        .collect::<Vec<_>>()
-                        .join("\n");
-                }
-            }
-            let dead: Vec<String> = c.lrange(format!("{key}:dead"), 0, -1).await?;
-            let mark: Option<String> = c.get(format!("wharf:dedup:count:{p}m{i}")).await?;
-            panic!(
-                "message m{i} was lost; dead letters: {}; dedup mark {mark:?}; log:\n{trail}",
-                dead.len()
-            );
-        }
-        if runs > 1 {
-            twice += 1;
-        }
-    }
-    assert!(twice <= CONCURRENCY, "{twice} messages ran twice");
+    db.assert_every_message_handled((0..MESSAGES).map(|i| format!("{p}m{i}")), CONCURRENCY);
     Ok(())
 }
 
