@@ -616,6 +616,30 @@ impl StreamSource {
         (out, deleted)
     }
 
+    /// Deliveries for `entries`. Entries deleted from the stream while they
+    /// were pending (trimmed) have no data left to deliver: they are acked
+    /// away, and said so.
+    async fn deliver(&self, entries: Vec<Entry>, attempt_of: impl Fn(&str) -> u32) -> Result<Vec<Delivery>> {
+        let (out, deleted) = self.deliveries(entries, attempt_of);
+        if !deleted.is_empty() {
+            tracing::warn!(
+                stream = %self.inner.stream,
+                entries = ?deleted,
+                "entries were deleted from the stream (trimmed?) while pending; their data is gone, acking them away"
+            );
+            self.ack_ids(&deleted).await?;
+        }
+        Ok(out)
+    }
+
+    /// [`Self::deliver`] for entries whose delivery counts Redis keeps
+    /// (re-read or reclaimed ones).
+    async fn deliver_counted(&self, entries: Vec<Entry>) -> Result<Vec<Delivery>> {
+        let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
+        let counts = self.delivery_counts(&ids).await?;
+        self.deliver(entries, |id| counts.get(id).copied().unwrap_or(1)).await
+    }
+
     async fn ack_ids(&self, ids: &[String]) -> Result<()> {
         if ids.is_empty() {
             return Ok(());
@@ -673,10 +697,7 @@ impl Source for StreamSource {
                 state.recovered = true;
             } else {
                 state.recovery_cursor = entries.last().map(|(id, _)| id.clone());
-                let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
-                let counts = self.delivery_counts(&ids).await?;
-                let (out, deleted) = self.deliveries(entries, |id| counts.get(id).copied().unwrap_or(1));
-                self.ack_ids(&deleted).await?;
+                let out = self.deliver_counted(entries).await?;
                 tracing::info!(stream = %s.stream, consumer = %s.consumer, count = out.len(), "re-delivering this consumer's pending entries");
                 if !out.is_empty() {
                     return Ok(out);
@@ -698,10 +719,11 @@ impl Source for StreamSource {
         if !due.is_empty() {
             let ids: Vec<String> = due.iter().map(|(id, _)| id.clone()).collect();
             let entries = self.claim(&ids, Duration::ZERO).await?;
-            let (out, deleted) = self.deliveries(entries, |id| {
-                due.iter().find(|(d, _)| d == id).map(|(_, a)| *a).unwrap_or(1)
-            });
-            self.ack_ids(&deleted).await?;
+            let out = self
+                .deliver(entries, |id| {
+                    due.iter().find(|(d, _)| d == id).map(|(_, a)| *a).unwrap_or(1)
+                })
+                .await?;
             if !out.is_empty() {
                 return Ok(out);
             }
@@ -727,10 +749,7 @@ impl Source for StreamSource {
             let parts = array(&reply);
             let entries = parts.get(1).map(parse_entries).unwrap_or_default();
             if !entries.is_empty() {
-                let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
-                let counts = self.delivery_counts(&ids).await?;
-                let (out, deleted) = self.deliveries(entries, |id| counts.get(id).copied().unwrap_or(1));
-                self.ack_ids(&deleted).await?;
+                let out = self.deliver_counted(entries).await?;
                 if !out.is_empty() {
                     tracing::info!(stream = %s.stream, count = out.len(), "reclaimed entries idle in a dead consumer");
                     return Ok(out);
