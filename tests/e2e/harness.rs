@@ -346,6 +346,26 @@ pub fn unavailable(what: &str, why: impl std::fmt::Display) {
     eprintln!("SKIPPED: {what} is not available ({why})");
 }
 
+/// Await `attempt` (connecting to a broker) for up to `within`; on failure
+/// or timeout, report `what` as [`unavailable`] and return `None`.
+pub async fn reachable<T, E: std::fmt::Display>(
+    what: &str,
+    within: Duration,
+    attempt: impl std::future::Future<Output = std::result::Result<T, E>>,
+) -> Option<T> {
+    match tokio::time::timeout(within, attempt).await {
+        Ok(Ok(value)) => Some(value),
+        Ok(Err(e)) => {
+            unavailable(what, e);
+            None
+        }
+        Err(_) => {
+            unavailable(what, "timed out");
+            None
+        }
+    }
+}
+
 /// Whether `program` can be run; `unavailable` when not.
 pub fn have_binary(program: &str) -> bool {
     let ok = std::process::Command::new(program).arg("--version").output().is_ok();

@@ -18,17 +18,12 @@ fn url() -> String {
 }
 
 async fn connect(url: &str) -> Option<async_nats::Client> {
-    match tokio::time::timeout(Duration::from_secs(3), async_nats::connect(url)).await {
-        Ok(Ok(c)) => Some(c),
-        Ok(Err(e)) => {
-            unavailable(&format!("NATS at {url} (WHARF_TEST_NATS_URL)"), e);
-            None
-        }
-        Err(_) => {
-            unavailable(&format!("NATS at {url} (WHARF_TEST_NATS_URL)"), "timed out");
-            None
-        }
-    }
+    reachable(
+        &format!("NATS at {url}"),
+        Duration::from_secs(3),
+        async_nats::connect(url),
+    )
+    .await
 }
 
 /// A subject prefix and a stream-name prefix no other run uses.

@@ -21,17 +21,12 @@ fn url() -> String {
 /// outside CI.
 async fn connect(url: &str) -> Option<redis::aio::MultiplexedConnection> {
     let attempt = async { redis::Client::open(url)?.get_multiplexed_async_connection().await };
-    match tokio::time::timeout(Duration::from_secs(3), attempt).await {
-        Ok(Ok(c)) => Some(c),
-        Ok(Err(e)) => {
-            unavailable(&format!("Redis at {url} (WHARF_TEST_REDIS_URL)"), e);
-            None
-        }
-        Err(_) => {
-            unavailable(&format!("Redis at {url} (WHARF_TEST_REDIS_URL)"), "timed out");
-            None
-        }
-    }
+    reachable(
+        &format!("Redis at {url} (WHARF_TEST_REDIS_URL)"),
+        Duration::from_secs(3),
+        attempt,
+    )
+    .await
 }
 
 /// A key prefix no other test run uses.
