@@ -327,6 +327,92 @@ async fn amqp_connection_dropped_mid_load_then_recovered() -> Result {
     load_then_disrupt("drop").await
 }
 
+/// Handlers finish out of order; the acks that can be folded into one
+/// `basic.ack(multiple)` are, and none of them covers a message still being
+/// handled: after a SIGKILL exactly the held (slow) messages are back in the
+/// queue.
+#[tokio::test]
+async fn amqp_multiple_acks_never_cover_a_message_in_flight() -> Result {
+    const MESSAGES: usize = 300;
+    const SLOW: [usize; 3] = [5, 120, 250];
+    if !have_binary("rabbitmqctl") {
+        return Ok(());
+    }
+    let _turn = SERIAL.lock().await;
+    let url = url();
+    let Some(ch) = connect(&url).await else { return Ok(()) };
+    let p = prefix();
+    let q = format!("{p}.jobs");
+    let manifest = format!(
+        "{}{}",
+        broker(&url, &queues(&p, &["jobs"], "classic")),
+        on_mq(handler(
+            "work",
+            "slow",
+            &q,
+            "concurrency = 16
+timeout_ms = 60000
+config = { sleep_ms = \"0\" }
+"
+        )),
+    );
+    let setup = Setup::new(&manifest)?;
+    let host = setup.start().await?;
+    for i in 0..MESSAGES {
+        let body = if SLOW.contains(&i) {
+            r#"{"sleep_ms": 55000}"#
+        } else {
+            "{}"
+        };
+        publish(&ch, "", &q, &format!("m{i}"), body).await?;
+    }
+    let fast = (MESSAGES - SLOW.len()) as u64;
+    host.wait_for("every fast message acked", LONG, || async {
+        Ok(host.outcome_count("work", "acked").await? == fast)
+    })
+    .await?;
+    let metrics = host.metrics().await?;
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_default()
+    };
+    let (acked, frames) = (
+        value("wharf_amqp_acks_per_frame_sum"),
+        value("wharf_amqp_acks_per_frame_count"),
+    );
+    assert_eq!(acked as u64, fast, "every ack counted once\n{metrics}");
+    assert!(frames < acked, "{acked} acks took {frames} frames: nothing was folded");
+    // The slow ones are still running; nothing else is unacked.
+    assert_eq!(total_messages(std::slice::from_ref(&q))?, SLOW.len() as u64);
+    host.kill()?;
+    // The broker requeues a dead connection's unacked messages.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while ready(&ch, &q).await? < SLOW.len() as u32 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut back = Vec::new();
+    while let Some(m) = ch
+        .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+        .await?
+    {
+        back.push(
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+        );
+    }
+    back.sort();
+    let mut expected: Vec<String> = SLOW.iter().map(|i| format!("m{i}")).collect();
+    expected.sort();
+    assert_eq!(back, expected, "exactly the messages in flight came back");
+    Ok(())
+}
+
 /// Run `rabbitmqctl <args>`, failing loudly.
 fn rabbitmqctl(args: &[&str]) -> Result {
     let out = std::process::Command::new("rabbitmqctl").args(args).output()?;

@@ -3,7 +3,7 @@
 //! | what | how |
 //! |---|---|
 //! | topology | the manifest's exchanges, queues (classic or quorum, durable) and bindings, declared on every (re)connect |
-//! | consume | one channel per source, `basic.qos` = the handler's concurrency, manual acks |
+//! | consume | one channel per source, `basic.qos` = the handler's concurrency, manual acks, folded into `basic.ack(multiple)` where safe ([`acks`]) |
 //! | attempt | quorum queues: `x-delivery-count` + 1; plus wharf's `x-wharf-attempts` header, set when it republishes for a retry; a classic-queue redelivery after a crash counts one more |
 //! | retry | confirmed republish (persistent) to `<queue>.wharf-retry`, whose per-message TTL dead-letters back to `<queue>`, then ack |
 //! | dead letter | confirmed publish to the dead-letter queue (`<queue>.dead` by default) with the dead-letter headers, then ack — never the broker's DLX, which is at-most-once |
@@ -17,6 +17,8 @@
 //! remade (with the topology) after any failure; an ack on a dead channel is
 //! "outcome unknown" — the broker redelivers the message.
 
+mod acks;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,13 +27,14 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
+use self::acks::{AckBatcher, Decision};
 use super::{Acker, Delivery, OutboundMessage, Sink, Source};
 use crate::store::now_ms;
 
@@ -283,14 +286,14 @@ struct AmqpSource {
     broker: Arc<AmqpBroker>,
     queue: String,
     prefetch: u16,
-    state: Mutex<Option<(Channel, lapin::Consumer)>>,
+    state: Mutex<Option<(Arc<AckBatcher>, lapin::Consumer)>>,
     /// Channels of cancelled consumers, kept open for their in-flight acks.
-    held: Mutex<Vec<Channel>>,
+    held: Mutex<Vec<Arc<AckBatcher>>>,
     stopped: std::sync::atomic::AtomicBool,
 }
 
 impl AmqpSource {
-    async fn open(&self) -> Result<(Channel, lapin::Consumer)> {
+    async fn open(&self) -> Result<(Arc<AckBatcher>, lapin::Consumer)> {
         let conn = self.broker.connection().await?;
         let ch = conn.create_channel().await?;
         ch.basic_qos(self.prefetch, BasicQosOptions::default()).await?;
@@ -312,7 +315,7 @@ impl AmqpSource {
             )
             .await
             .with_context(|| format!("consuming queue {}", self.queue))?;
-        Ok((ch, consumer))
+        Ok((AckBatcher::new(ch), consumer))
     }
 }
 
@@ -333,7 +336,10 @@ impl Source for AmqpSource {
             return Ok(vec![]);
         }
         let mut state = self.state.lock().await;
-        if state.as_ref().is_none_or(|(ch, _)| !ch.status().connected()) {
+        if state
+            .as_ref()
+            .is_none_or(|(acks, _)| !acks.channel().status().connected())
+        {
             *state = None;
             match self.open().await {
                 Ok(s) => *state = Some(s),
@@ -343,10 +349,14 @@ impl Source for AmqpSource {
                 }
             }
         }
-        let Some((_, consumer)) = state.as_mut() else {
+        let Some((acks, consumer)) = state.as_mut() else {
             return Ok(vec![]);
         };
-        let mut raw = Vec::new();
+        // Each delivery is recorded with the batcher as soon as it is taken
+        // (before the next await), so a cancelled receive cannot leave a tag
+        // unrecorded for a later `multiple` ack to sweep up.
+        let acks = acks.clone();
+        let mut out = Vec::new();
         match tokio::time::timeout(RECEIVE_WAIT, consumer.next()).await {
             Err(_) => return Ok(vec![]),
             Ok(None) => {
@@ -358,22 +368,23 @@ impl Source for AmqpSource {
                 self.broker.broken().await;
                 return Err(anyhow!(e).context(format!("consuming {}", self.queue)));
             }
-            Ok(Some(Ok(d))) => raw.push(d),
+            Ok(Some(Ok(d))) => out.push(self.delivery(d, &acks)),
         }
-        while raw.len() < max {
+        while out.len() < max {
             match tokio::time::timeout(Duration::ZERO, consumer.next()).await {
-                Ok(Some(Ok(d))) => raw.push(d),
+                Ok(Some(Ok(d))) => out.push(self.delivery(d, &acks)),
                 _ => break,
             }
         }
-        Ok(raw.into_iter().map(|d| self.delivery(d)).collect())
+        Ok(out)
     }
 }
 
 impl AmqpSource {
     async fn cancel(&self) {
-        if let Some((ch, consumer)) = self.state.lock().await.take() {
-            let _ = ch
+        if let Some((acks, consumer)) = self.state.lock().await.take() {
+            let _ = acks
+                .channel()
                 .basic_cancel(
                     consumer.tag().as_str().into(),
                     lapin::options::BasicCancelOptions::default(),
@@ -381,11 +392,12 @@ impl AmqpSource {
                 .await;
             // The channel stays open: deliveries still in flight are settled on it.
             drop(consumer);
-            self.held.lock().await.push(ch);
+            self.held.lock().await.push(acks);
         }
     }
 
-    fn delivery(&self, d: lapin::message::Delivery) -> Delivery {
+    fn delivery(&self, d: lapin::message::Delivery, acks: &Arc<AckBatcher>) -> Delivery {
+        acks.hold(d.delivery_tag);
         let props = &d.properties;
         let headers = props.headers().as_ref();
         let counted = header_int(headers, ATTEMPTS_HEADER).unwrap_or(0);
@@ -420,6 +432,7 @@ impl AmqpSource {
                 queue: self.queue.clone(),
                 id,
                 attempt,
+                acks: acks.clone(),
                 delivery: d,
             }),
         }
@@ -431,6 +444,8 @@ struct AmqpAcker {
     queue: String,
     id: String,
     attempt: u32,
+    /// Settles this delivery on the channel it arrived on.
+    acks: Arc<AckBatcher>,
     delivery: lapin::message::Delivery,
 }
 
@@ -480,24 +495,17 @@ impl AmqpAcker {
         if !confirm.is_ack() {
             bail!("RabbitMQ refused the copy for {queue} (nack)");
         }
-        self.delivery
-            .acker
-            .ack(BasicAckOptions::default())
+        self.acks
+            .settle(self.delivery.delivery_tag, Decision::Ack)
             .await
-            .context("ack after republish")?;
-        Ok(())
+            .context("ack after republish")
     }
 }
 
 #[async_trait]
 impl Acker for AmqpAcker {
     async fn ack(&self) -> Result<()> {
-        self.delivery
-            .acker
-            .ack(BasicAckOptions::default())
-            .await
-            .map(drop)
-            .context("basic.ack")
+        self.acks.settle(self.delivery.delivery_tag, Decision::Ack).await
     }
 
     async fn retry(&self, delay: Duration) -> Result<()> {
@@ -523,15 +531,7 @@ impl Acker for AmqpAcker {
     }
 
     async fn release(&self) -> Result<()> {
-        self.delivery
-            .acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..Default::default()
-            })
-            .await
-            .map(drop)
-            .context("basic.nack")
+        self.acks.settle(self.delivery.delivery_tag, Decision::Requeue).await
     }
 }
 

@@ -1,0 +1,252 @@
+//! Settling a channel's deliveries, with acks folded into `multiple`.
+//!
+//! AMQP delivery tags count up per channel, and `basic.ack(tag, multiple)`
+//! settles every unacked delivery up to `tag`. Handlers finish out of order,
+//! so a naive `multiple` would ack a message still being handled (and lose it
+//! if the host then died). The batcher therefore keeps, per channel, every
+//! tag handed to the engine and what was decided for it, and on each flush:
+//!
+//! 1. sends the requeues (`basic.nack`, requeue) first, one by one;
+//! 2. acks the *contiguous prefix* of decided-ack tags with one
+//!    `basic.ack(last, multiple)` — nothing at or below `last` is still held,
+//!    and the nacks above are already on the wire, in order, on this channel;
+//! 3. acks the decided tags behind a still-held one singly, so a slow message
+//!    never holds finished ones back (they count against the prefetch).
+//!
+//! Flushes are group commits: the first settle flushes at once, and settles
+//! that arrive while that flush is being written wait for the next one, so
+//! batching costs no added latency. A flush runs in its own task, so a
+//! cancelled caller cannot leave a decision half sent. A tag whose delivery is
+//! dropped undecided stays held: it bars `multiple` past it for the life of
+//! the channel, which is correct (the broker still counts it unacked) and
+//! only costs batching.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Result, anyhow};
+use lapin::Channel;
+use lapin::options::{BasicAckOptions, BasicNackOptions};
+use tokio::sync::oneshot;
+
+/// What was decided for a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Remove it (done, or its copy was confirmed elsewhere).
+    Ack,
+    /// Give it back to the queue, to be delivered again at once.
+    Requeue,
+}
+
+type Reply = oneshot::Sender<Result<(), String>>;
+
+enum Slot {
+    /// Handed to the engine; not decided yet.
+    Held,
+    /// Decided; waiting to be sent.
+    Decided(Decision, Reply),
+}
+
+#[derive(Default)]
+struct State {
+    tags: BTreeMap<u64, Slot>,
+    /// A flush task is queued that has not yet taken the decided tags.
+    flush_queued: bool,
+}
+
+/// The frames one flush sends, in this order.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Plan<T> {
+    /// `basic.nack(tag, requeue)` each.
+    pub requeue: Vec<(u64, T)>,
+    /// One `basic.ack(last tag, multiple)` for all of them.
+    pub prefix: Vec<(u64, T)>,
+    /// `basic.ack(tag)` each: decided, but behind a held tag.
+    pub single: Vec<(u64, T)>,
+}
+
+/// Split `tags` (ascending) into what to send now; held tags stay in `tags`.
+pub fn plan<T>(tags: &mut BTreeMap<u64, Option<(Decision, T)>>) -> Plan<T> {
+    let mut out = Plan {
+        requeue: vec![],
+        prefix: vec![],
+        single: vec![],
+    };
+    let mut below_all_held = true;
+    for (tag, slot) in std::mem::take(tags) {
+        match slot {
+            None => {
+                below_all_held = false;
+                tags.insert(tag, None);
+            }
+            Some((Decision::Requeue, t)) => out.requeue.push((tag, t)),
+            Some((Decision::Ack, t)) if below_all_held => out.prefix.push((tag, t)),
+            Some((Decision::Ack, t)) => out.single.push((tag, t)),
+        }
+    }
+    out
+}
+
+/// Tracks and settles the deliveries of one channel.
+pub struct AckBatcher {
+    channel: Channel,
+    state: Mutex<State>,
+    /// One flush writes at a time, so frames go out in plan order.
+    turn: tokio::sync::Mutex<()>,
+}
+
+impl AckBatcher {
+    /// A batcher for deliveries received on `channel`.
+    pub fn new(channel: Channel) -> Arc<Self> {
+        Arc::new(Self {
+            channel,
+            state: Mutex::new(State::default()),
+            turn: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The channel the deliveries arrived on.
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Record a delivery handed to the engine. Call before the next await
+    /// after taking it from the consumer, so no tag can go unrecorded.
+    pub fn hold(&self, tag: u64) {
+        self.lock().tags.insert(tag, Slot::Held);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Decide `tag` and return once the frame carrying the decision is
+    /// written. An error means the outcome is unknown (the channel failed):
+    /// the broker redelivers the message.
+    pub async fn settle(self: &Arc<Self>, tag: u64, decision: Decision) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        {
+            let mut state = self.lock();
+            match state.tags.get_mut(&tag) {
+                Some(slot @ Slot::Held) => *slot = Slot::Decided(decision, reply),
+                // Already decided (a cancelled ack followed by a shutdown
+                // release): the first decision stands.
+                Some(Slot::Decided(..)) | None => return Ok(()),
+            }
+            if !state.flush_queued {
+                state.flush_queued = true;
+                let this = self.clone();
+                tokio::spawn(async move { this.flush().await });
+            }
+        }
+        match answer.await {
+            Ok(result) => result.map_err(|e| anyhow!(e)),
+            Err(_) => Err(anyhow!("the channel went away before basic.{decision:?} was sent")),
+        }
+    }
+
+    async fn flush(&self) {
+        let _turn = self.turn.lock().await;
+        let plan = {
+            let mut state = self.lock();
+            state.flush_queued = false;
+            let mut tags: BTreeMap<u64, Option<(Decision, Reply)>> = std::mem::take(&mut state.tags)
+                .into_iter()
+                .map(|(tag, slot)| match slot {
+                    Slot::Held => (tag, None),
+                    Slot::Decided(d, reply) => (tag, Some((d, reply))),
+                })
+                .collect();
+            let plan = plan(&mut tags);
+            state.tags = tags.into_keys().map(|tag| (tag, Slot::Held)).collect();
+            plan
+        };
+        for (tag, reply) in plan.requeue {
+            let sent = self
+                .channel
+                .basic_nack(
+                    tag,
+                    BasicNackOptions {
+                        requeue: true,
+                        multiple: false,
+                    },
+                )
+                .await;
+            let _ = reply.send(sent.map_err(|e| format!("basic.nack: {e}")));
+        }
+        if let Some(&(last, _)) = plan.prefix.last() {
+            let multiple = plan.prefix.len() > 1;
+            let sent = self
+                .channel
+                .basic_ack(last, BasicAckOptions { multiple })
+                .await
+                .map_err(|e| format!("basic.ack: {e}"));
+            metrics::histogram!("wharf_amqp_acks_per_frame").record(plan.prefix.len() as f64);
+            for (_, reply) in plan.prefix {
+                let _ = reply.send(sent.clone());
+            }
+        }
+        for (tag, reply) in plan.single {
+            let sent = self.channel.basic_ack(tag, BasicAckOptions::default()).await;
+            metrics::histogram!("wharf_amqp_acks_per_frame").record(1.0);
+            let _ = reply.send(sent.map_err(|e| format!("basic.ack: {e}")));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tags(slots: &[(u64, Option<Decision>)]) -> BTreeMap<u64, Option<(Decision, ())>> {
+        slots.iter().map(|&(t, d)| (t, d.map(|d| (d, ())))).collect()
+    }
+
+    fn only_tags(v: &[(u64, ())]) -> Vec<u64> {
+        v.iter().map(|(t, _)| *t).collect()
+    }
+
+    use Decision::{Ack, Requeue};
+
+    #[test]
+    fn in_order_completions_fold_into_one_multiple_ack() {
+        let mut t = tags(&[(1, Some(Ack)), (2, Some(Ack)), (3, Some(Ack))]);
+        let p = plan(&mut t);
+        assert_eq!(only_tags(&p.prefix), [1, 2, 3]);
+        assert!(p.single.is_empty() && p.requeue.is_empty() && t.is_empty());
+    }
+
+    #[test]
+    fn a_held_tag_bars_multiple_past_it_but_does_not_hold_later_acks_back() {
+        let mut t = tags(&[(1, Some(Ack)), (2, None), (3, Some(Ack)), (4, Some(Ack))]);
+        let p = plan(&mut t);
+        assert_eq!(only_tags(&p.prefix), [1]);
+        assert_eq!(only_tags(&p.single), [3, 4]);
+        assert_eq!(t.keys().copied().collect::<Vec<_>>(), [2], "the held tag stays held");
+    }
+
+    #[test]
+    fn requeues_go_first_and_do_not_break_the_prefix() {
+        // The nack for 2 is written before the multiple ack for 3, on the
+        // same channel, so the ack cannot cover it.
+        let mut t = tags(&[
+            (1, Some(Ack)),
+            (2, Some(Requeue)),
+            (3, Some(Ack)),
+            (5, None),
+            (6, Some(Requeue)),
+        ]);
+        let p = plan(&mut t);
+        assert_eq!(only_tags(&p.requeue), [2, 6]);
+        assert_eq!(only_tags(&p.prefix), [1, 3]);
+        assert!(p.single.is_empty());
+        assert_eq!(t.keys().copied().collect::<Vec<_>>(), [5]);
+    }
+
+    #[test]
+    fn nothing_decided_sends_nothing() {
+        let mut t = tags(&[(7, None), (8, None)]);
+        assert_eq!(plan(&mut t), Plan::default());
+        assert_eq!(t.len(), 2);
+    }
+}
