@@ -58,6 +58,7 @@ pub fn runtime_for(manifest: &Manifest) -> Result<Runtime> {
         max_instances,
         max_memory_bytes: (max_memory_mb << 20) as usize,
         cache_dir: manifest.host.data_dir.join("cache"),
+        cpu_budget: true,
     })
 }
 
@@ -176,6 +177,7 @@ impl App {
                     max_payload_bytes: h.max_payload_bytes as usize,
                     max_publishes: h.max_publishes,
                     max_log_bytes: h.max_log_bytes as usize,
+                    instance_reuse: h.instance_reuse,
                 },
             });
             // Validated: the brokers named exist.

@@ -555,7 +555,10 @@ fn readme_manifest_reference_parses_with_every_field() -> Result {
     let path = dir.path().join("wharf.toml");
     let m = wharf::manifest::Manifest::parse(&path, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
     let h = &m.handlers["validate"];
-    assert_eq!((h.concurrency, h.timeout_ms, h.memory_mb), (8, 5000, 64));
+    assert_eq!(
+        (h.concurrency, h.timeout_ms, h.memory_mb, h.instance_reuse),
+        (8, 5000, 64, 1)
+    );
     assert!(h.dedup.is_some() && h.rate_limit.is_some());
     assert_eq!(m.tenants["acme"].publish, [">"]);
     Ok(())
@@ -575,6 +578,63 @@ fn readme_example_error_is_what_wharf_prints() -> Result {
         readme.contains(&first),
         "README.md should show the error as printed:\n{first}"
     );
+    Ok(())
+}
+
+/// `instance_reuse = 3`: one instance handles three messages, then a fresh
+/// one takes over; an instance that trapped is never used again; each
+/// message's stdout is logged once. Without the setting every message gets
+/// a fresh instance.
+#[tokio::test]
+async fn instance_reuse_serves_a_few_messages_per_instance_and_drops_a_trapped_one() -> Result {
+    let manifest = format!(
+        "{}{}",
+        handler(
+            "warm",
+            "reuse",
+            "warm",
+            "concurrency = 1\ninstance_reuse = 3\n[handlers.warm.retry]\nmax_attempts = 1\n"
+        ),
+        handler("cold", "reuse", "cold", "concurrency = 1\n"),
+    );
+    let setup = Setup::new(&manifest)?;
+    let host = setup.start().await?;
+    // One at a time, so the order (and so each instance's count) is known.
+    let sequence = ["w0", "w1", "w2", "w3", "w4", "boom", "w5", "w6"];
+    for (i, id) in sequence.iter().enumerate() {
+        let body = if *id == "boom" { "trap" } else { "{}" };
+        host.publish("warm", body, Some(id)).await?;
+        host.publish("cold", "{}", Some(&format!("c{i}"))).await?;
+        host.wait_for("the message", LONG, || async {
+            let warm = host.outcome_count("warm", "acked").await? + host.outcome_count("warm", "dead_lettered").await?;
+            Ok(warm == i as u64 + 1 && host.outcome_count("cold", "acked").await? == i as u64 + 1)
+        })
+        .await?;
+    }
+    let logs = host.logs();
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    let served: Vec<i64> = ["w0", "w1", "w2", "w3", "w4", "w5", "w6"]
+        .iter()
+        .map(|id| db.counter("default", &format!("served:{id}")))
+        .collect();
+    // w3 starts a new instance (three served); w4 shares it with the trap,
+    // which retires it, so w5 is on a fresh one again.
+    assert_eq!(served, [1, 2, 3, 1, 2, 1, 2]);
+    for i in 0..sequence.len() {
+        assert_eq!(
+            db.counter("default", &format!("served:c{i}")),
+            1,
+            "no reuse unless asked"
+        );
+    }
+    for id in ["w0", "w1", "w2", "w3", "w4", "w5", "w6"] {
+        assert_eq!(
+            logs.matches(&format!("handled {id}")).count(),
+            1,
+            "{id}'s stdout once:\n{logs}"
+        );
+    }
     Ok(())
 }
 

@@ -287,6 +287,13 @@ pub struct HandlerConfig {
     /// Log bytes (log calls plus stdout/stderr) kept per attempt. Default 16384.
     #[serde(default = "default_max_log_bytes")]
     pub max_log_bytes: u64,
+    /// Messages one instance may handle before it is replaced. Default 1: a
+    /// fresh instance per message. More skips instantiation for trusted
+    /// handlers: what one message leaves in the instance's memory, the next
+    /// message of the same handler sees. An instance that traps, times out
+    /// or runs out of memory is never reused.
+    #[serde(default = "default_instance_reuse")]
+    pub instance_reuse: u32,
     /// Subjects the handler may publish to (patterns: `*` one token, `>` the rest).
     #[serde(default)]
     pub publish: Vec<String>,
@@ -446,6 +453,9 @@ fn default_max_payload_bytes() -> u64 {
 }
 fn default_max_publishes() -> u32 {
     100
+}
+fn default_instance_reuse() -> u32 {
+    1
 }
 fn default_max_log_bytes() -> u64 {
     16 * 1024

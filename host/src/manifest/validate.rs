@@ -270,6 +270,12 @@ fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String), warn: &mut d
         {
             report(&at("dead_letter"), e);
         }
+        if h.instance_reuse == 0 {
+            report(
+                &at("instance_reuse"),
+                "must be at least 1 (1: a fresh instance per message)".into(),
+            );
+        }
         if h.concurrency == 0 {
             report(&at("concurrency"), "must be at least 1".into());
         }

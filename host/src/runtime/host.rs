@@ -51,6 +51,11 @@ pub struct AttemptLimits {
     pub max_publishes: u32,
     /// Log bytes per attempt.
     pub max_log_bytes: usize,
+    /// Messages one instance may handle before it is replaced; 1 (the
+    /// default) is a fresh instance per message. More is for trusted
+    /// handlers only: what one message leaves in the instance's memory, the
+    /// next message of the same handler can see.
+    pub instance_reuse: u32,
 }
 
 /// Denies linear memory growth past the handler's cap and remembers that it
@@ -99,6 +104,9 @@ pub struct AttemptState {
     pub(super) dropped_log_lines: u32,
     pub(super) stdout: MemoryOutputPipe,
     pub(super) stderr: MemoryOutputPipe,
+    /// Bytes of stdout and stderr already logged (earlier messages of a
+    /// reused instance).
+    pub(super) stdio_seen: (usize, usize),
 }
 
 impl StoreState {
@@ -129,8 +137,21 @@ impl StoreState {
                 dropped_log_lines: 0,
                 stdout,
                 stderr,
+                stdio_seen: (0, 0),
             },
         }
+    }
+
+    /// Make a reused instance's state ready for the next message.
+    pub(super) fn next_attempt(&mut self, message_id: String, reply_to: Option<String>) {
+        self.ticks = 0;
+        self.memory.exceeded = false;
+        let a = &mut self.attempt;
+        a.message_id = message_id;
+        a.reply_to = reply_to;
+        a.outbox.clear();
+        a.log_bytes = 0;
+        a.dropped_log_lines = 0;
     }
 }
 
@@ -173,11 +194,13 @@ impl AttemptState {
 
     /// Log what the guest wrote to stdout/stderr, within the log budget.
     pub(super) fn flush_stdio(&mut self) {
+        let (out, err) = (self.stdout.contents(), self.stderr.contents());
+        let (out_seen, err_seen) = std::mem::replace(&mut self.stdio_seen, (out.len(), err.len()));
         for (stream, level) in [
-            (self.stdout.contents(), host::LogLevel::Info),
-            (self.stderr.contents(), host::LogLevel::Warn),
+            (out.get(out_seen..).unwrap_or_default(), host::LogLevel::Info),
+            (err.get(err_seen..).unwrap_or_default(), host::LogLevel::Warn),
         ] {
-            for line in String::from_utf8_lossy(&stream).lines().filter(|l| !l.is_empty()) {
+            for line in String::from_utf8_lossy(stream).lines().filter(|l| !l.is_empty()) {
                 self.log(level, line);
             }
         }

@@ -23,8 +23,8 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
 
-use host::StoreState;
 pub use host::{AttemptLimits, HandlerContext, sanitize};
+use host::{STDIO_CAPACITY, StoreState};
 
 use crate::broker::OutboundMessage;
 
@@ -126,22 +126,52 @@ pub struct RuntimeConfig {
     pub max_memory_bytes: usize,
     /// Where compiled components are cached.
     pub cache_dir: PathBuf,
+    /// Count CPU with epoch interruption (the CPU budget). The host always
+    /// turns it on: without it a guest that loops is never stopped. Off only
+    /// to measure what it costs (`wharf-bench wasm-cost --no-epoch`).
+    pub cpu_budget: bool,
 }
 
 /// The engine, linker and epoch ticker.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<StoreState>,
+    cpu_budget: bool,
     cache_dir: PathBuf,
     ticker_stop: Arc<AtomicBool>,
 }
 
 /// A component ready to instantiate.
-#[derive(Clone)]
 pub struct LoadedComponent {
     pre: bindings::HandlerWorldPre<StoreState>,
     /// Hex sha256 of the component bytes.
     pub digest: String,
+    /// Instances waiting for their next message, for handlers with
+    /// `instance_reuse` > 1. Dropped with the component (a reload).
+    idle: std::sync::Mutex<Vec<Warm>>,
+}
+
+/// An instance that handled a message cleanly and may handle more.
+struct Warm {
+    store: Store<StoreState>,
+    /// `None` until instantiated (and while a call holds it).
+    instance: Option<bindings::HandlerWorld>,
+    /// Messages it has handled.
+    served: u32,
+}
+
+impl LoadedComponent {
+    fn take_warm(&self, handler: &Arc<HandlerContext>) -> Option<Warm> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        // Only ever this handler's own instances (a component is loaded per
+        // handler, so this is a guard, not a filter).
+        idle.pop()
+            .filter(|w| Arc::ptr_eq(&w.store.data().attempt.handler, handler))
+    }
+
+    fn put_warm(&self, warm: Warm) {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(warm);
+    }
 }
 
 /// The CPU budget of an attempt ran out.
@@ -169,7 +199,7 @@ impl Runtime {
             .pagemap_scan(wasmtime::Enabled::Auto);
         let mut config = Config::new();
         config
-            .epoch_interruption(true)
+            .epoch_interruption(cfg.cpu_budget)
             .wasm_component_model(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)
@@ -204,6 +234,7 @@ impl Runtime {
         Ok(Self {
             engine,
             linker,
+            cpu_budget: cfg.cpu_budget,
             cache_dir: cfg.cache_dir,
             ticker_stop,
         })
@@ -252,7 +283,11 @@ impl Runtime {
                     path.display()
                 )
             })?;
-        Ok(LoadedComponent { pre, digest })
+        Ok(LoadedComponent {
+            pre,
+            digest,
+            idle: Default::default(),
+        })
     }
 
     /// The cached artifact at `path`, if it is one this host wrote: its
@@ -286,34 +321,44 @@ impl Runtime {
     }
 
     /// Run one attempt: instantiate `component` in a fresh store with the
-    /// handler's limits and call `handle(msg)`. Never panics and never fails:
-    /// every problem becomes a classified [`Failure`].
+    /// handler's limits and call `handle(msg)` (or, for a handler with
+    /// `instance_reuse` > 1, call it on an instance that handled earlier
+    /// messages cleanly). Never panics and never fails: every problem becomes
+    /// a classified [`Failure`].
     pub async fn invoke(&self, component: &LoadedComponent, handler: &Arc<HandlerContext>, msg: Message) -> Attempt {
         let started = Instant::now();
         let limits = handler.limits;
-        let mut store = Store::new(
-            &self.engine,
-            StoreState::new(handler.clone(), msg.id.clone(), msg.reply_to.clone()),
-        );
-        store.limiter(|s| &mut s.memory);
-        let budget_ticks = (limits.timeout.as_millis() / TICK.as_millis()).max(1) as u64;
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |mut cx| {
-            let state = cx.data_mut();
-            state.ticks += 1;
-            if state.ticks >= budget_ticks {
-                return Err(wasmtime::Error::new(CpuBudgetExhausted));
+        let reuse = limits.instance_reuse > 1;
+        let mut w = match reuse.then(|| component.take_warm(handler)).flatten() {
+            Some(mut w) => {
+                w.store.data_mut().next_attempt(msg.id.clone(), msg.reply_to.clone());
+                if self.cpu_budget {
+                    w.store.set_epoch_deadline(1);
+                }
+                w
             }
-            Ok(UpdateDeadline::Yield(1))
-        });
+            None => Warm {
+                store: self.new_store(handler, &msg),
+                instance: None,
+                served: 0,
+            },
+        };
 
         let call = async {
-            let instance = component.pre.instantiate_async(&mut store).await?;
-            instance.wharf_handler_handler().call_handle(&mut store, &msg).await
+            let instance = match w.instance.take() {
+                Some(i) => i,
+                None => component.pre.instantiate_async(&mut w.store).await?,
+            };
+            w.served += 1;
+            let returned = instance.wharf_handler_handler().call_handle(&mut w.store, &msg).await;
+            w.instance = Some(instance);
+            returned
         };
         // The CPU budget (epochs) is the precise limit; the wall-clock limit,
         // a little longer, catches a guest parked in a host call.
         let outcome = tokio::time::timeout(wall_budget(limits.timeout), call).await;
+        // The guest returned (success, retry or reject): its instance is sound.
+        let clean = matches!(outcome, Ok(Ok(_)));
         let result = match outcome {
             Err(_) => Err(Failure::new(
                 FailureKind::Timeout,
@@ -329,16 +374,45 @@ impl Runtime {
                 retry_after: info.after_ms.map(Duration::from_millis),
             }),
             Ok(Ok(Err(HandlerError::Reject(reason)))) => Err(Failure::new(FailureKind::Rejected, sanitize(&reason))),
-            Ok(Err(e)) => Err(classify(&e, store.data().memory.exceeded, &limits)),
+            Ok(Err(e)) => Err(classify(&e, w.store.data().memory.exceeded, &limits)),
         };
-        let state = store.data_mut();
+        let state = w.store.data_mut();
         state.attempt.flush_stdio();
         let outbox = std::mem::take(&mut state.attempt.outbox);
+        // A reused instance goes back only after a clean return, within its
+        // message allowance, with room left in its stdio buffers.
+        let (out, err) = state.attempt.stdio_seen;
+        if reuse && clean && w.served < limits.instance_reuse && out.max(err) < STDIO_CAPACITY / 2 {
+            component.put_warm(w);
+        }
         Attempt {
             result,
             outbox,
             elapsed: started.elapsed(),
         }
+    }
+
+    /// A fresh store for one message of `handler`.
+    fn new_store(&self, handler: &Arc<HandlerContext>, msg: &Message) -> Store<StoreState> {
+        let limits = handler.limits;
+        let mut store = Store::new(
+            &self.engine,
+            StoreState::new(handler.clone(), msg.id.clone(), msg.reply_to.clone()),
+        );
+        store.limiter(|s| &mut s.memory);
+        if self.cpu_budget {
+            let budget_ticks = (limits.timeout.as_millis() / TICK.as_millis()).max(1) as u64;
+            store.set_epoch_deadline(1);
+            store.epoch_deadline_callback(move |mut cx| {
+                let state = cx.data_mut();
+                state.ticks += 1;
+                if state.ticks >= budget_ticks {
+                    return Err(wasmtime::Error::new(CpuBudgetExhausted));
+                }
+                Ok(UpdateDeadline::Yield(1))
+            });
+        }
+        store
     }
 }
 
