@@ -1,26 +1,35 @@
 //! wharf-bench: the measurements behind docs/BENCHMARKS.md.
 //!
-//! Build the trivial handler first (`scripts/bench` does both):
-//! `cargo build --profile guest --target wasm32-wasip2 --target-dir target/guests -p bench-handler`.
+//! `scripts/bench` builds everything it needs (the trivial handler, the
+//! `wharf` binary, the Node.js peers) and runs `suite`.
 //!
 //! - `wasm-cost`: instantiate from `InstancePre` + `handle` + drop, in a loop,
-//!   with a 1 KiB JSON payload; p50/p99/mean per message.
-//! - `drain`: preload a backlog into the embedded broker, start a host on it,
-//!   time the drain; msg/s and the process's CPU µs per message.
+//!   with a 1 KiB JSON payload; p50/p99/mean per message, epoch interruption
+//!   on or off.
+//! - `drain`: preload a backlog on one broker path, start one consumer
+//!   process (wharf, the native Rust consumer or the Node.js peer), time the
+//!   drain from its first message to its last; msg/s and the consumer's CPU
+//!   µs per message from /proc.
+//! - `latency`: an open-loop producer at a fixed rate through a forwarding
+//!   consumer; end-to-end p50/p99.
+//! - `suite`: all of it, one table.
+
+mod latency;
+mod measure;
+mod paths;
+mod suite;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
-use wharf::app::App;
-use wharf::broker::OutboundMessage;
-use wharf::delivery::Shutdown;
+use clap::{Parser, Subcommand, ValueEnum};
 use wharf::kv::{Kv, KvQuota};
-use wharf::manifest::Manifest;
 use wharf::runtime::{AttemptLimits, HandlerContext, Message, Runtime, RuntimeConfig};
 use wharf::subject::Grants;
+
+use crate::paths::{Path, Target, Urls};
 
 #[derive(Parser)]
 struct Cli {
@@ -31,6 +40,39 @@ struct Cli {
     command: Command,
 }
 
+/// Who consumes in a drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Consumer {
+    /// The `wharf` binary with the benchmark handler.
+    Wharf,
+    /// A Rust consumer on the same crates, no Wasm.
+    Native,
+    /// What users would pick instead (Node.js: BullMQ, amqplib, nats.js).
+    Peer,
+}
+
+#[derive(clap::Args, Clone, Debug)]
+pub struct DrainArgs {
+    #[arg(long, value_enum)]
+    path: Path,
+    #[arg(long, value_enum, default_value = "wharf")]
+    consumer: Consumer,
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    #[arg(long, default_value_t = 100)]
+    payload_bytes: usize,
+    /// Messages in flight (wharf's concurrency, the native batch/prefetch,
+    /// the peers' concurrency/prefetch).
+    #[arg(long, default_value_t = 100)]
+    concurrency: u32,
+    /// wharf only: turn dedup on.
+    #[arg(long)]
+    dedup: bool,
+    /// wharf only: the handler's `instance_reuse` (1: an instance per message).
+    #[arg(long, default_value_t = 1)]
+    instance_reuse: u32,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Per-message Wasm cost: instantiate + handle + drop.
@@ -39,25 +81,51 @@ enum Command {
         iterations: usize,
         #[arg(long, default_value_t = 1024)]
         payload_bytes: usize,
-    },
-    /// Drain a preloaded backlog from the embedded broker.
-    Drain {
-        #[arg(long, default_value_t = 20_000)]
-        messages: usize,
-        #[arg(long, default_value_t = 100)]
-        payload_bytes: usize,
-        #[arg(long, default_value_t = 64)]
-        concurrency: u32,
-        /// Turn dedup on.
+        /// Turn epoch interruption (the CPU budget) off, to measure its cost.
         #[arg(long)]
-        dedup: bool,
+        no_epoch: bool,
+        /// Messages per instance (the handler's `instance_reuse`).
+        #[arg(long, default_value_t = 1)]
+        reuse: u32,
     },
-}
-
-/// A JSON object of about `bytes` bytes.
-fn payload(bytes: usize) -> Vec<u8> {
-    let filler = "x".repeat(bytes.saturating_sub(40));
-    serde_json::to_vec(&serde_json::json!({ "id": 12345, "kind": "bench", "pad": filler })).unwrap_or_default()
+    /// Drain a preloaded backlog with one consumer.
+    Drain(DrainArgs),
+    /// End-to-end latency under an open-loop producer (Redis streams).
+    Latency {
+        #[arg(long, value_enum, default_value = "wharf")]
+        consumer: Consumer,
+        /// Messages per second.
+        #[arg(long)]
+        rate: u32,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Everything, as the table in docs/BENCHMARKS.md.
+    Suite {
+        /// A few hundred messages per path, debug-friendly: the test suite's run.
+        #[arg(long)]
+        smoke: bool,
+        /// Backlog per drain (default 100 000; 300 with --smoke).
+        #[arg(long)]
+        messages: Option<usize>,
+    },
+    /// (internal) The native consumer, as a child process of `drain`.
+    #[command(hide = true)]
+    Native {
+        #[arg(long, value_enum)]
+        path: Path,
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        stream: String,
+        #[arg(long)]
+        messages: usize,
+        #[arg(long)]
+        batch: usize,
+        /// Forward each message to this Redis stream (latency runs).
+        #[arg(long)]
+        forward_to: Option<String>,
+    },
 }
 
 fn cpu_seconds() -> f64 {
@@ -72,12 +140,27 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-async fn wasm_cost(component: &PathBuf, iterations: usize, payload_bytes: usize) -> Result<()> {
+/// Result of a `wasm-cost` run.
+#[derive(Debug, Clone, Copy)]
+pub struct WasmCost {
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub cpu_us: f64,
+}
+
+async fn wasm_cost(
+    component: &std::path::Path,
+    iterations: usize,
+    payload_bytes: usize,
+    epoch: bool,
+    reuse: u32,
+) -> Result<WasmCost> {
     let dir = tempfile::tempdir()?;
     let runtime = Runtime::new(RuntimeConfig {
         max_instances: 16,
         max_memory_bytes: 64 << 20,
         cache_dir: dir.path().join("cache"),
+        cpu_budget: epoch,
     })?;
     let loaded = runtime
         .load(component)
@@ -104,9 +187,10 @@ async fn wasm_cost(component: &PathBuf, iterations: usize, payload_bytes: usize)
             max_payload_bytes: 1 << 20,
             max_publishes: 0,
             max_log_bytes: 0,
+            instance_reuse: reuse,
         },
     });
-    let body = payload(payload_bytes);
+    let body = paths::payload(payload_bytes);
     let message = || Message {
         id: "m".into(),
         subject: "bench".into(),
@@ -119,7 +203,7 @@ async fn wasm_cost(component: &PathBuf, iterations: usize, payload_bytes: usize)
         deadline_ms: 0,
         reply_to: None,
     };
-    for _ in 0..1000 {
+    for _ in 0..1000.min(iterations) {
         runtime
             .invoke(&loaded, &handler, message())
             .await
@@ -139,92 +223,78 @@ async fn wasm_cost(component: &PathBuf, iterations: usize, payload_bytes: usize)
     let wall = started.elapsed();
     let cpu = cpu_seconds() - cpu;
     samples.sort();
+    let cost = WasmCost {
+        p50_us: percentile(&samples, 0.50).as_secs_f64() * 1e6,
+        p99_us: percentile(&samples, 0.99).as_secs_f64() * 1e6,
+        cpu_us: cpu * 1e6 / iterations as f64,
+    };
     println!(
-        "wasm-cost payload={}B iterations={iterations}: p50 {:.1} µs, p99 {:.1} µs, mean {:.1} µs, CPU {:.1} µs/msg",
+        "wasm-cost payload={}B iterations={iterations} epoch={epoch} reuse={reuse}: p50 {:.1} µs, p99 {:.1} µs, mean {:.1} µs, CPU {:.1} µs/msg",
         body.len(),
-        percentile(&samples, 0.50).as_secs_f64() * 1e6,
-        percentile(&samples, 0.99).as_secs_f64() * 1e6,
+        cost.p50_us,
+        cost.p99_us,
         wall.as_secs_f64() * 1e6 / iterations as f64,
-        cpu * 1e6 / iterations as f64,
+        cost.cpu_us,
     );
-    Ok(())
-}
-
-async fn drain(
-    component: &PathBuf,
-    messages: usize,
-    payload_bytes: usize,
-    concurrency: u32,
-    dedup: bool,
-) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let manifest_path = dir.path().join("wharf.toml");
-    let component = std::fs::canonicalize(component).with_context(|| format!("{}", component.display()))?;
-    let text = format!(
-        "[host]\ndata_dir = \"data\"\nhttp = \"127.0.0.1:0\"\n\n[tenants.default]\nmax_concurrency = {concurrency}\n\n\
-         [handlers.bench]\ncomponent = {:?}\nsource = {{ subject = \"bench\" }}\nconcurrency = {concurrency}\n{}",
-        component.display().to_string(),
-        if dedup {
-            "[handlers.bench.dedup]\nttl_secs = 3600\n"
-        } else {
-            ""
-        }
-    );
-    std::fs::write(&manifest_path, &text)?;
-    let manifest = Manifest::load(&manifest_path).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let app = App::new(manifest).await?;
-    let body = bytes::Bytes::from(payload(payload_bytes));
-    for chunk in (0..messages).collect::<Vec<_>>().chunks(1000) {
-        let batch = chunk
-            .iter()
-            .map(|i| OutboundMessage {
-                id: Some(format!("m{i}")),
-                subject: "bench".into(),
-                payload: body.clone(),
-                headers: vec![],
-                content_type: None,
-                reply_to: None,
-                delay: Duration::ZERO,
-            })
-            .collect();
-        app.broker.publish(batch).await?;
-    }
-    let shutdown = Shutdown::default();
-    let cpu = cpu_seconds();
-    let started = Instant::now();
-    let running = tokio::spawn(app.clone().run(shutdown.clone()));
-    loop {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        if app.broker.stats()?.iter().all(|s| s.ready == 0 && s.pending == 0) {
-            break;
-        }
-    }
-    let wall = started.elapsed();
-    let cpu = cpu_seconds() - cpu;
-    shutdown.stop.cancel();
-    running.await??;
-    println!(
-        "drain embedded messages={messages} payload={}B concurrency={concurrency} dedup={dedup}: {:.0} msg/s, CPU {:.1} µs/msg",
-        body.len(),
-        messages as f64 / wall.as_secs_f64(),
-        cpu * 1e6 / messages as f64,
-    );
-    Ok(())
+    Ok(cost)
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let cli = Cli::parse();
+    let component = std::fs::canonicalize(&cli.component)
+        .with_context(|| format!("{} (build it with scripts/bench)", cli.component.display()));
     match cli.command {
         Command::WasmCost {
             iterations,
             payload_bytes,
-        } => wasm_cost(&cli.component, iterations, payload_bytes).await,
-        Command::Drain {
+            no_epoch,
+            reuse,
+        } => wasm_cost(&component?, iterations, payload_bytes, !no_epoch, reuse)
+            .await
+            .map(drop),
+        Command::Drain(args) => {
+            let sample = suite::drain(&component?, &args).await?;
+            println!(
+                "drain {} {:?} messages={} payload={}B concurrency={} dedup={} instance_reuse={}: {:.0} msg/s, CPU {:.1} µs/msg",
+                args.path.name(),
+                args.consumer,
+                args.messages,
+                args.payload_bytes,
+                args.concurrency,
+                args.dedup,
+                args.instance_reuse,
+                sample.rate(),
+                sample.cpu_us_per_msg()
+            );
+            Ok(())
+        }
+        Command::Latency {
+            consumer,
+            rate,
+            seconds,
+        } => {
+            let l = latency::run(&component?, consumer, rate, Duration::from_secs(seconds)).await?;
+            println!(
+                "latency redis-stream {consumer:?} rate={rate}/s: p50 {:.0} µs, p99 {:.0} µs ({} messages)",
+                l.p50_us, l.p99_us, l.messages
+            );
+            Ok(())
+        }
+        Command::Suite { smoke, messages } => suite::run(&component?, smoke, messages).await,
+        Command::Native {
+            path,
+            subject,
+            stream,
             messages,
-            payload_bytes,
-            concurrency,
-            dedup,
-        } => drain(&cli.component, messages, payload_bytes, concurrency, dedup).await,
+            batch,
+            forward_to,
+        } => {
+            let t = Target { path, subject, stream };
+            match forward_to {
+                Some(out) => latency::native_forwarder(&t, &Urls::from_env(), &out, batch).await,
+                None => paths::native(&t, &Urls::from_env(), messages, batch).await,
+            }
+        }
     }
 }

@@ -1,0 +1,262 @@
+//! Timing a consumer process from outside: wall time from its first handled
+//! message to its last, and the CPU it used in between, read from
+//! `/proc/<pid>/stat` (user + system, every thread). The consumer is always
+//! its own process — wharf, the native consumer, a Node.js peer — so the
+//! figures never include the producer or this harness.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// One measured drain.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Messages handled inside the timed window.
+    pub messages: usize,
+    /// The window, seconds.
+    pub secs: f64,
+    /// CPU the consumer used in the window, seconds.
+    pub cpu: f64,
+}
+
+impl Sample {
+    pub fn rate(&self) -> f64 {
+        self.messages as f64 / self.secs.max(1e-9)
+    }
+
+    pub fn cpu_us_per_msg(&self) -> f64 {
+        self.cpu * 1e6 / self.messages.max(1) as f64
+    }
+}
+
+/// CPU seconds used so far by process `pid`: the sum of its threads'
+/// `schedstat` run times (nanosecond resolution; the clock-tick figures in
+/// `stat` are 10 ms coarse, too coarse for short runs).
+pub fn process_cpu(pid: u32) -> Result<f64> {
+    let mut ns = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
+        if let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) {
+            ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Ok(ns as f64 / 1e9)
+}
+
+/// A point in a run: when, how many handled, CPU so far.
+#[derive(Clone, Copy)]
+struct Mark {
+    at: Instant,
+    handled: usize,
+    cpu: f64,
+}
+
+fn window(from: Mark, to: Mark) -> Sample {
+    Sample {
+        messages: to.handled - from.handled,
+        secs: (to.at - from.at).as_secs_f64(),
+        cpu: to.cpu - from.cpu,
+    }
+}
+
+/// How long a run may go without progress before it is called stuck (or,
+/// for core NATS, over: what was dropped stays dropped).
+const STALL: Duration = Duration::from_secs(20);
+const CORE_STALL: Duration = Duration::from_secs(3);
+
+/// Something to do once the consumer is ready (core NATS: start producing).
+pub type OnReady = Option<tokio::task::JoinHandle<Result<()>>>;
+
+/// Run a consumer that reports `ready`, `first` and `done` on stdout (the
+/// native consumers and the Node.js peers) until it has handled `n`.
+/// `on_ready` starts when it says `ready`.
+pub async fn child_lines<F>(mut cmd: Command, n: usize, on_ready: F, lossy: bool) -> Result<Sample>
+where
+    F: FnOnce() -> OnReady,
+{
+    cmd.stdout(Stdio::piped()).stdin(Stdio::null()).kill_on_drop(true);
+    let mut child = cmd.spawn().context("starting the consumer")?;
+    let pid = child.id().ok_or_else(|| anyhow!("consumer exited at once"))?;
+    let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let mut on_ready = Some(on_ready);
+    let mut producer: OnReady = None;
+    let mut first = None;
+    let stall = if lossy { CORE_STALL } else { STALL };
+    loop {
+        let line = match tokio::time::timeout(stall, lines.next_line()).await {
+            Ok(line) => line?,
+            Err(_) if lossy && first.is_some() => {
+                // Core NATS dropped some: count what arrived (the consumer
+                // reports progress only at `done`, so ask the broker side).
+                bail!("the consumer stopped short of {n} messages (core NATS drops what a slow consumer cannot take)");
+            }
+            Err(_) => bail!("no progress from the consumer for {stall:?}"),
+        };
+        let Some(line) = line else {
+            let status = child.wait().await?;
+            bail!("the consumer exited ({status}) before handling {n} messages");
+        };
+        let mark = |handled| -> Result<Mark> {
+            Ok(Mark {
+                at: Instant::now(),
+                handled,
+                cpu: process_cpu(pid)?,
+            })
+        };
+        match line.trim() {
+            "ready" => {
+                if let Some(f) = on_ready.take() {
+                    producer = f();
+                }
+            }
+            "first" => first = Some(mark(1)?),
+            "done" => {
+                let end = mark(n)?;
+                let _ = child.kill().await;
+                if let Some(p) = producer {
+                    p.await??;
+                }
+                let start = first.ok_or_else(|| anyhow!("`done` before `first`"))?;
+                return Ok(window(start, end));
+            }
+            other => eprintln!("consumer: {other}"),
+        }
+    }
+}
+
+/// A running `wharf run <manifest>`.
+pub struct Wharf {
+    child: Child,
+    pid: u32,
+    metrics: String,
+    http: reqwest::Client,
+}
+
+impl Wharf {
+    /// Start wharf on `manifest` (whose data dir is `data_dir`) and wait
+    /// until it is ready.
+    pub async fn start(binary: &Path, manifest: &Path, data_dir: &Path) -> Result<Self> {
+        let mut child = Command::new(binary)
+            .arg("run")
+            .arg(manifest)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let pid = child.id().ok_or_else(|| anyhow!("wharf exited at once"))?;
+        let addr_file = data_dir.join(wharf::app::HTTP_ADDR_FILE);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let addr = loop {
+            if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+                break addr;
+            }
+            if let Some(status) = child.try_wait()? {
+                bail!("wharf exited ({status}) before serving HTTP");
+            }
+            anyhow::ensure!(Instant::now() < deadline, "wharf did not start in 120 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let http = reqwest::Client::new();
+        loop {
+            let ready = http.get(format!("http://{addr}/readyz")).send().await;
+            if ready.is_ok_and(|r| r.status().is_success()) {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "wharf did not become ready in 120 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(Self {
+            child,
+            pid,
+            metrics: format!("http://{addr}/metrics"),
+            http,
+        })
+    }
+
+    /// Messages of handler `bench` settled as handled (acked or deduplicated).
+    async fn handled(&self) -> Result<usize> {
+        let text = self.http.get(&self.metrics).send().await?.text().await?;
+        let mut total = 0.0;
+        for line in text.lines() {
+            if line.starts_with("wharf_messages_total{")
+                && line.contains("handler=\"bench\"")
+                && (line.contains("outcome=\"acked\"") || line.contains("outcome=\"deduplicated\""))
+            {
+                total += line
+                    .rsplit_once(' ')
+                    .and_then(|(_, v)| v.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+        }
+        Ok(total as usize)
+    }
+
+    /// Poll until `n` messages are handled; the window runs from now (wharf
+    /// is ready: it starts consuming at once) to the poll that sees all.
+    pub async fn drain(&mut self, n: usize, lossy: bool) -> Result<Sample> {
+        const POLL: Duration = Duration::from_millis(10);
+        let start = Mark {
+            at: Instant::now(),
+            handled: self.handled().await?,
+            cpu: process_cpu(self.pid)?,
+        };
+        let mut last_progress = (Instant::now(), 0);
+        let stall = if lossy { CORE_STALL } else { STALL };
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("wharf exited ({status}) during the run");
+            }
+            let handled = self.handled().await?;
+            let mark = Mark {
+                at: Instant::now(),
+                handled,
+                cpu: process_cpu(self.pid)?,
+            };
+            if handled > last_progress.1 {
+                last_progress = (mark.at, handled);
+            }
+            if handled >= n {
+                return Ok(window(start, mark));
+            }
+            if last_progress.0.elapsed() > stall {
+                bail!("wharf stopped at {handled} of {n} messages");
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// SIGTERM and wait (a graceful stop).
+    pub async fn stop(mut self) -> Result<()> {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid as i32, libc::SIGTERM) };
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .map_err(|_| anyhow!("wharf did not stop in 30 s"))??;
+        Ok(())
+    }
+}
+
+/// The `wharf` binary beside this one (`cargo build -p wharf` puts it there),
+/// or `$WHARF_BIN`.
+pub fn wharf_binary() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("WHARF_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe()?;
+    let beside = exe.with_file_name("wharf");
+    anyhow::ensure!(
+        beside.exists(),
+        "{} not found: build it first (`cargo build -p wharf` with the same profile) or set WHARF_BIN",
+        beside.display()
+    );
+    Ok(beside)
+}

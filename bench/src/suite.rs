@@ -1,0 +1,362 @@
+//! One drain (preload, one consumer, timed), and the whole suite as a table.
+
+use std::fmt::Write as _;
+use std::path::{Path as FsPath, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use tokio::process::Command;
+
+use crate::measure::{self, Sample, Wharf};
+use crate::paths::{self, Path, Target, Urls};
+use crate::{Consumer, DrainArgs};
+
+/// The `instance_reuse` of the suite's fastest mode.
+const REUSE: u32 = 1000;
+
+/// A name no other run uses.
+fn run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("{:x}{:06x}", std::process::id(), nanos % 0xff_ffff)
+}
+
+/// The Node.js peers (`bench/node`).
+fn node_dir() -> PathBuf {
+    FsPath::new(env!("CARGO_MANIFEST_DIR")).join("node")
+}
+
+/// The peer script for a path, if there is one.
+fn peer_script(path: Path) -> Option<&'static str> {
+    match path {
+        Path::RedisList | Path::RedisStream => Some("bullmq.mjs"),
+        Path::AmqpClassic | Path::AmqpQuorum => Some("amqplib.mjs"),
+        Path::Jetstream => Some("jetstream.mjs"),
+        Path::Embedded | Path::NatsCore => None,
+    }
+}
+
+/// The manifest that points wharf at `t` with the benchmark handler.
+pub fn wharf_manifest(
+    component: &FsPath,
+    t: &Target,
+    urls: &Urls,
+    data_dir: &FsPath,
+    concurrency: u32,
+    extra: &str,
+) -> String {
+    let (brokers, source) = paths::manifest_source(t, urls);
+    format!(
+        "[host]\ndata_dir = {:?}\nhttp = \"127.0.0.1:0\"\n\n{brokers}\n[tenants.default]\nmax_concurrency = {concurrency}\npublish = [\"bench.>\"]\n\n\
+         [handlers.bench]\ncomponent = {:?}\nsource = {source}\nconcurrency = {concurrency}\n{extra}",
+        data_dir.display().to_string(),
+        component.display().to_string(),
+    )
+}
+
+/// Preload, consume with one consumer, clean up.
+pub async fn drain(component: &FsPath, a: &DrainArgs) -> Result<Sample> {
+    let urls = Urls::from_env();
+    let t = Target::new(a.path, &run_id());
+    paths::clean(&t, &urls).await?;
+    let result = drain_on(component, a, &t, &urls).await;
+    paths::clean(&t, &urls).await?;
+    result
+}
+
+async fn drain_on(component: &FsPath, a: &DrainArgs, t: &Target, urls: &Urls) -> Result<Sample> {
+    let body = paths::payload(a.payload_bytes);
+    let n = a.messages;
+    let lossy = a.path == Path::NatsCore;
+    // Core NATS keeps nothing: the producer starts once the consumer is up.
+    let producer = |t: &Target, body: &[u8]| {
+        let (t, body, urls) = (t.clone(), body.to_vec(), Urls::from_env());
+        Some(tokio::spawn(
+            async move { paths::publish_core(&t, &urls, n, &body).await },
+        ))
+    };
+    match a.consumer {
+        Consumer::Wharf => {
+            let dir = tempfile::tempdir()?;
+            let data = dir.path().join("data");
+            let mut extra = format!("instance_reuse = {}\n", a.instance_reuse);
+            if a.dedup {
+                extra.push_str("[handlers.bench.dedup]\nttl_secs = 3600\n");
+            }
+            let manifest_path = dir.path().join("wharf.toml");
+            std::fs::write(
+                &manifest_path,
+                wharf_manifest(component, t, urls, &data, a.concurrency, &extra),
+            )?;
+            if a.path == Path::Embedded {
+                preload_embedded(&manifest_path, &t.subject, n, &body).await?;
+            } else if a.path.preloads() {
+                paths::preload(t, urls, n, &body).await?;
+            }
+            let mut wharf = Wharf::start(&measure::wharf_binary()?, &manifest_path, &data).await?;
+            let mut produced = None;
+            if lossy {
+                // The subscription is made by the consumer loop, just after ready.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                produced = producer(t, &body);
+            }
+            let sample = wharf.drain(n, lossy).await;
+            wharf.stop().await?;
+            if let Some(p) = produced {
+                p.await??;
+            }
+            sample
+        }
+        Consumer::Native => {
+            if a.path == Path::Embedded {
+                bail!("the embedded broker is wharf's own; there is no native consumer for it");
+            }
+            if a.path.preloads() {
+                paths::preload(t, urls, n, &body).await?;
+            }
+            let mut cmd = Command::new(std::env::current_exe()?);
+            cmd.args([
+                "native",
+                "--path",
+                t.path.name(),
+                "--subject",
+                &t.subject,
+                "--stream",
+                &t.stream,
+            ])
+            .args(["--messages", &n.to_string(), "--batch", &a.concurrency.to_string()]);
+            measure::child_lines(cmd, n, || if lossy { producer(t, &body) } else { None }, lossy).await
+        }
+        Consumer::Peer => {
+            let script = peer_script(a.path).ok_or_else(|| anyhow!("no peer benchmark for {}", a.path.name()))?;
+            let node = |mode: &str| {
+                let mut cmd = Command::new("node");
+                cmd.arg(node_dir().join(script))
+                    .arg(mode)
+                    .env("SUBJECT", &t.subject)
+                    .env("STREAM", &t.stream)
+                    .env("MESSAGES", n.to_string())
+                    .env("CONCURRENCY", a.concurrency.to_string())
+                    .env("QUORUM", if a.path == Path::AmqpQuorum { "1" } else { "" })
+                    .env("REDIS_URL", &urls.redis)
+                    .env("AMQP_URL", &urls.amqp)
+                    .env("NATS_URL", &urls.nats)
+                    .env("BODY", std::str::from_utf8(&body).unwrap_or("{}"));
+                cmd
+            };
+            if script == "bullmq.mjs" {
+                // BullMQ jobs live in BullMQ's own keys: it preloads itself.
+                let status = node("preload").status().await.context("running node")?;
+                anyhow::ensure!(status.success(), "BullMQ preload failed ({status})");
+            } else {
+                paths::preload(t, urls, n, &body).await?;
+            }
+            measure::child_lines(node("consume"), n, || None, false).await
+        }
+    }
+}
+
+/// Preload the embedded broker of the manifest at `path` (in its data dir),
+/// then close it so the `wharf` process can open it.
+async fn preload_embedded(path: &FsPath, subject: &str, n: usize, body: &[u8]) -> Result<()> {
+    let manifest = wharf::manifest::Manifest::load(path).map_err(|e| anyhow!("{e}"))?;
+    let app = wharf::app::App::new(manifest).await?;
+    let body = bytes::Bytes::copy_from_slice(body);
+    for start in (0..n).step_by(1000) {
+        let batch = (start..(start + 1000).min(n))
+            .map(|i| wharf::broker::OutboundMessage {
+                id: Some(format!("m{i}")),
+                subject: subject.to_string(),
+                payload: body.clone(),
+                headers: vec![],
+                content_type: None,
+                reply_to: None,
+                delay: Duration::ZERO,
+            })
+            .collect();
+        app.broker.publish(batch).await?;
+    }
+    Ok(())
+}
+
+/// One row of the table.
+struct Row {
+    path: Path,
+    payload: usize,
+    wharf: Cell,
+    dedup: Cell,
+    reuse: Cell,
+    native: Cell,
+    peer: Cell,
+}
+
+type Cell = Option<Result<Sample, String>>;
+
+fn show(c: &Cell) -> String {
+    match c {
+        None => "—".into(),
+        Some(Ok(s)) if s.messages == 0 => "drained before the first look".into(),
+        Some(Ok(s)) => format!("{:.0} ({:.0})", s.rate(), s.cpu_us_per_msg()),
+        Some(Err(e)) => format!("error: {}", e.lines().next().unwrap_or_default()),
+    }
+}
+
+fn ratio(a: &Cell, b: &Cell) -> String {
+    match (a, b) {
+        (Some(Ok(a)), Some(Ok(b))) => format!("{:.2}", a.rate() / b.rate()),
+        _ => "—".into(),
+    }
+}
+
+/// Everything in docs/BENCHMARKS.md, printed as markdown.
+pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>) -> Result<()> {
+    let n = messages.unwrap_or(if smoke { 300 } else { 100_000 });
+    let mut out = String::new();
+    let mut failures = 0;
+
+    let iterations = if smoke { 200 } else { 20_000 };
+    let on = crate::wasm_cost(component, iterations, 1024, true, 1).await?;
+    let off = crate::wasm_cost(component, iterations, 1024, false, 1).await?;
+    let reused = crate::wasm_cost(component, iterations, 1024, true, REUSE).await?;
+    writeln!(
+        out,
+        "\n| per-message Wasm cost, 1 KiB JSON, {iterations} iterations | p50 µs | p99 µs | CPU µs/msg |\n|---|---|---|---|\n\
+         | epoch interruption on (default) | {:.1} | {:.1} | {:.1} |\n| epoch interruption off | {:.1} | {:.1} | {:.1} |\n\
+         | epoch overhead (CPU) | | | {:+.1}% |\n| `instance_reuse = {REUSE}` (epoch on) | {:.1} | {:.1} | {:.1} |",
+        on.p50_us,
+        on.p99_us,
+        on.cpu_us,
+        off.p50_us,
+        off.p99_us,
+        off.cpu_us,
+        (on.cpu_us / off.cpu_us - 1.0) * 100.0,
+        reused.p50_us,
+        reused.p99_us,
+        reused.cpu_us,
+    )?;
+
+    let payloads: &[usize] = if smoke { &[100] } else { &[100, 1024] };
+    let mut rows = Vec::new();
+    let mut native_stream_rate = None;
+    for &payload in payloads {
+        for path in Path::ALL {
+            let cell = |consumer, dedup, instance_reuse| DrainArgs {
+                path,
+                consumer,
+                messages: n,
+                payload_bytes: payload,
+                concurrency: 100,
+                dedup,
+                instance_reuse,
+            };
+            let mut measure = async |args: DrainArgs| -> Cell {
+                let r = drain(component, &args).await.map_err(|e| format!("{e:#}"));
+                match &r {
+                    Ok(s) => eprintln!(
+                        "{} {payload}B {:?}{}{}: {:.0} msg/s, {:.1} µs CPU/msg",
+                        path.name(),
+                        args.consumer,
+                        if args.dedup { " dedup" } else { "" },
+                        if args.instance_reuse > 1 { " reuse" } else { "" },
+                        s.rate(),
+                        s.cpu_us_per_msg()
+                    ),
+                    Err(e) => {
+                        failures += 1;
+                        eprintln!("{} {payload}B {:?}: FAILED: {e}", path.name(), args.consumer);
+                    }
+                }
+                Some(r)
+            };
+            let wharf = measure(cell(Consumer::Wharf, false, 1)).await;
+            let dedup = measure(cell(Consumer::Wharf, true, 1)).await;
+            let reuse = measure(cell(Consumer::Wharf, false, REUSE)).await;
+            let native = if path == Path::Embedded {
+                None
+            } else {
+                measure(cell(Consumer::Native, false, 1)).await
+            };
+            let peer = if peer_script(path).is_some() {
+                measure(cell(Consumer::Peer, false, 1)).await
+            } else {
+                None
+            };
+            if path == Path::RedisStream
+                && payload == 100
+                && let Some(Ok(s)) = &native
+            {
+                native_stream_rate = Some(s.rate());
+            }
+            rows.push(Row {
+                path,
+                payload,
+                wharf,
+                dedup,
+                reuse,
+                native,
+                peer,
+            });
+        }
+    }
+    writeln!(
+        out,
+        "\n{n} messages per drain, 100 in flight; msg/s (consumer CPU µs/msg)\n\n\
+         | path | payload | wharf | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | native Rust | peer | wharf / native | reuse / native | wharf / peer |\n|---|---|---|---|---|---|---|---|---|---|"
+    )?;
+    for r in &rows {
+        let peer_name = match peer_script(r.path) {
+            Some("bullmq.mjs") => "BullMQ ",
+            Some("amqplib.mjs") => "amqplib ",
+            Some(_) => "nats.js ",
+            None => "",
+        };
+        writeln!(
+            out,
+            "| {} | {} B | {} | {} | {} | {} | {peer_name}{} | {} | {} | {} |",
+            r.path.name(),
+            r.payload,
+            show(&r.wharf),
+            show(&r.dedup),
+            show(&r.reuse),
+            show(&r.native),
+            show(&r.peer),
+            ratio(&r.wharf, &r.native),
+            ratio(&r.reuse, &r.native),
+            ratio(&r.wharf, &r.peer),
+        )?;
+    }
+
+    // Added latency at half the native consumer's maximum rate.
+    // (Smoke runs are too short to find a maximum: a fixed, gentle rate.)
+    let rate = match native_stream_rate {
+        Some(r) if !smoke => (r / 2.0) as u32,
+        _ => 1000,
+    };
+    let seconds = Duration::from_secs(if smoke { 1 } else { 10 });
+    writeln!(
+        out,
+        "\nEnd-to-end latency, Redis stream in → consumer (parse, publish to an output stream, ack) → out, open-loop producer at {rate} msg/s for {}s\n\n\
+         | consumer | p50 µs | p99 µs | messages |\n|---|---|---|---|",
+        seconds.as_secs()
+    )?;
+    for consumer in [Consumer::Wharf, Consumer::Native] {
+        match crate::latency::run(component, consumer, rate, seconds).await {
+            Ok(l) => writeln!(
+                out,
+                "| {consumer:?} | {:.0} | {:.0} | {} |",
+                l.p50_us, l.p99_us, l.messages
+            )?,
+            Err(e) => {
+                failures += 1;
+                writeln!(out, "| {consumer:?} | error: {e:#} | | |")?;
+            }
+        }
+    }
+    println!("{out}");
+    if failures > 0 {
+        bail!("{failures} measurement(s) failed (see above)");
+    }
+    Ok(())
+}
