@@ -21,6 +21,9 @@ pub struct Sample {
     pub secs: f64,
     /// CPU the consumer used in the window, seconds.
     pub cpu: f64,
+    /// Messages that never arrived (core NATS drops what a slow consumer
+    /// cannot take; zero on every acked path).
+    pub dropped: usize,
 }
 
 impl Sample {
@@ -63,6 +66,7 @@ fn window(from: Mark, to: Mark) -> Sample {
         messages: to.handled - from.handled,
         secs: (to.at - from.at).as_secs_f64(),
         cpu: to.cpu - from.cpu,
+        dropped: 0,
     }
 }
 
@@ -209,7 +213,7 @@ impl Wharf {
             handled: self.handled().await?,
             cpu: process_cpu(self.pid)?,
         };
-        let mut last_progress = (Instant::now(), 0);
+        let mut last_progress = start;
         let stall = if lossy { CORE_STALL } else { STALL };
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -221,14 +225,31 @@ impl Wharf {
                 handled,
                 cpu: process_cpu(self.pid)?,
             };
-            if handled > last_progress.1 {
-                last_progress = (mark.at, handled);
+            if handled > last_progress.handled {
+                last_progress = mark;
             }
             if handled >= n {
                 return Ok(window(start, mark));
             }
-            if last_progress.0.elapsed() > stall {
-                bail!("wharf stopped at {handled} of {n} messages");
+            if last_progress.at.elapsed() > stall {
+                if lossy {
+                    // At-most-once: what was dropped stays dropped. The
+                    // window ends at the last message that arrived.
+                    let mut sample = window(start, last_progress);
+                    sample.dropped = n - handled;
+                    return Ok(sample);
+                }
+                // Say what wharf itself counted, to tell a stuck message
+                // from a slow one.
+                let text = self.http.get(&self.metrics).send().await?.text().await?;
+                let outcomes: Vec<&str> = text
+                    .lines()
+                    .filter(|l| l.starts_with("wharf_messages_total") || l.starts_with("wharf_failures_total"))
+                    .collect();
+                bail!(
+                    "wharf stopped at {handled} of {n} messages; its counters:\n{}",
+                    outcomes.join("\n")
+                );
             }
             tokio::time::sleep(POLL).await;
         }

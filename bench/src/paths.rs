@@ -85,6 +85,12 @@ pub struct Target {
 }
 
 impl Target {
+    /// The id of the `i`th message of this run: unique per run, so dedup
+    /// marks (Redis keeps them per handler name) never carry over.
+    pub fn message_id(&self, i: usize) -> String {
+        format!("{}-{i}", self.subject)
+    }
+
     pub fn new(path: Path, run: &str) -> Self {
         Self {
             path,
@@ -207,7 +213,7 @@ pub async fn preload(t: &Target, urls: &Urls, n: usize, body: &[u8]) -> Result<(
             for start in (0..n).step_by(CHUNK) {
                 let mut pipe = redis::pipe();
                 for i in start..(start + CHUNK).min(n) {
-                    let id = format!("m{i}");
+                    let id = t.message_id(i);
                     if t.path == Path::RedisStream {
                         pipe.cmd("XADD")
                             .arg(&t.subject)
@@ -237,7 +243,7 @@ pub async fn preload(t: &Target, urls: &Urls, n: usize, body: &[u8]) -> Result<(
                 for i in start..(start + CHUNK).min(n) {
                     let props = lapin::BasicProperties::default()
                         .with_delivery_mode(2)
-                        .with_message_id(format!("m{i}").into());
+                        .with_message_id(t.message_id(i).into());
                     confirms.push(
                         ch.basic_publish("".into(), t.subject.as_str().into(), Default::default(), body, props)
                             .await?,
@@ -257,7 +263,7 @@ pub async fn preload(t: &Target, urls: &Urls, n: usize, body: &[u8]) -> Result<(
                 let mut acks = Vec::with_capacity(CHUNK);
                 for i in start..(start + CHUNK).min(n) {
                     let mut headers = async_nats::HeaderMap::new();
-                    headers.insert("Nats-Msg-Id", format!("m{i}").as_str());
+                    headers.insert("Nats-Msg-Id", t.message_id(i).as_str());
                     acks.push(
                         js.publish_with_headers(t.subject.clone(), headers, body.clone())
                             .await

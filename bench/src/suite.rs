@@ -91,7 +91,7 @@ async fn drain_on(component: &FsPath, a: &DrainArgs, t: &Target, urls: &Urls) ->
                 wharf_manifest(component, t, urls, &data, a.concurrency, &extra),
             )?;
             if a.path == Path::Embedded {
-                preload_embedded(&manifest_path, &t.subject, n, &body).await?;
+                preload_embedded(&manifest_path, t, n, &body).await?;
             } else if a.path.preloads() {
                 paths::preload(t, urls, n, &body).await?;
             }
@@ -160,15 +160,15 @@ async fn drain_on(component: &FsPath, a: &DrainArgs, t: &Target, urls: &Urls) ->
 
 /// Preload the embedded broker of the manifest at `path` (in its data dir),
 /// then close it so the `wharf` process can open it.
-async fn preload_embedded(path: &FsPath, subject: &str, n: usize, body: &[u8]) -> Result<()> {
+async fn preload_embedded(path: &FsPath, t: &Target, n: usize, body: &[u8]) -> Result<()> {
     let manifest = wharf::manifest::Manifest::load(path).map_err(|e| anyhow!("{e}"))?;
     let app = wharf::app::App::new(manifest).await?;
     let body = bytes::Bytes::copy_from_slice(body);
     for start in (0..n).step_by(1000) {
         let batch = (start..(start + 1000).min(n))
             .map(|i| wharf::broker::OutboundMessage {
-                id: Some(format!("m{i}")),
-                subject: subject.to_string(),
+                id: Some(t.message_id(i)),
+                subject: t.subject.clone(),
                 payload: body.clone(),
                 headers: vec![],
                 content_type: None,
@@ -198,6 +198,12 @@ fn show(c: &Cell) -> String {
     match c {
         None => "—".into(),
         Some(Ok(s)) if s.messages == 0 => "drained before the first look".into(),
+        Some(Ok(s)) if s.dropped > 0 => format!(
+            "{:.0} ({:.0}), {:.0}% dropped",
+            s.rate(),
+            s.cpu_us_per_msg(),
+            s.dropped as f64 * 100.0 / (s.messages + s.dropped) as f64
+        ),
         Some(Ok(s)) => format!("{:.0} ({:.0})", s.rate(), s.cpu_us_per_msg()),
         Some(Err(e)) => format!("error: {}", e.lines().next().unwrap_or_default()),
     }
@@ -217,12 +223,23 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>) -> Re
     let mut failures = 0;
 
     let iterations = if smoke { 200 } else { 20_000 };
-    let on = crate::wasm_cost(component, iterations, 1024, true, 1).await?;
-    let off = crate::wasm_cost(component, iterations, 1024, false, 1).await?;
-    let reused = crate::wasm_cost(component, iterations, 1024, true, REUSE).await?;
+    // On and off alternate, three rounds, and each keeps its best round: a
+    // single pair is at the mercy of whatever else the machine did meanwhile.
+    let mut best: [Option<crate::WasmCost>; 3] = [None; 3];
+    for _ in 0..3 {
+        for (slot, (epoch, reuse)) in [(true, 1), (false, 1), (true, REUSE)].into_iter().enumerate() {
+            let c = crate::wasm_cost(component, iterations, 1024, epoch, reuse).await?;
+            if best[slot].is_none_or(|b| c.cpu_us < b.cpu_us) {
+                best[slot] = Some(c);
+            }
+        }
+    }
+    let [Some(on), Some(off), Some(reused)] = best else {
+        bail!("no Wasm cost measured")
+    };
     writeln!(
         out,
-        "\n| per-message Wasm cost, 1 KiB JSON, {iterations} iterations | p50 µs | p99 µs | CPU µs/msg |\n|---|---|---|---|\n\
+        "\n| per-message Wasm cost, 1 KiB JSON, {iterations} iterations (best of 3 alternating rounds) | p50 µs | p99 µs | CPU µs/msg |\n|---|---|---|---|\n\
          | epoch interruption on (default) | {:.1} | {:.1} | {:.1} |\n| epoch interruption off | {:.1} | {:.1} | {:.1} |\n\
          | epoch overhead (CPU) | | | {:+.1}% |\n| `instance_reuse = {REUSE}` (epoch on) | {:.1} | {:.1} | {:.1} |",
         on.p50_us,
@@ -328,29 +345,34 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>) -> Re
         )?;
     }
 
-    // Added latency at half the native consumer's maximum rate.
-    // (Smoke runs are too short to find a maximum: a fixed, gentle rate.)
-    let rate = match native_stream_rate {
-        Some(r) if !smoke => (r / 2.0) as u32,
-        _ => 1000,
-    };
+    // Added latency: at half the native drain's maximum rate (the issue's
+    // load; wharf's own maximum may be below it, and then its backlog grows)
+    // and at a fixed rate both sustain. Smoke runs use a gentle fixed rate.
+    let mut rates = vec![if smoke { 1000 } else { 5000 }];
+    if let Some(r) = native_stream_rate
+        && !smoke
+    {
+        rates.push((r / 2.0) as u32);
+    }
     let seconds = Duration::from_secs(if smoke { 1 } else { 10 });
     writeln!(
         out,
-        "\nEnd-to-end latency, Redis stream in → consumer (parse, publish to an output stream, ack) → out, open-loop producer at {rate} msg/s for {}s\n\n\
-         | consumer | p50 µs | p99 µs | messages |\n|---|---|---|---|",
+        "\nEnd-to-end latency, Redis stream in → consumer (parse, publish to an output stream, ack) → out; open-loop producer for {}s, first fifth not counted\n\n\
+         | rate msg/s | consumer | p50 µs | p99 µs | messages |\n|---|---|---|---|---|",
         seconds.as_secs()
     )?;
-    for consumer in [Consumer::Wharf, Consumer::Native] {
-        match crate::latency::run(component, consumer, rate, seconds).await {
-            Ok(l) => writeln!(
-                out,
-                "| {consumer:?} | {:.0} | {:.0} | {} |",
-                l.p50_us, l.p99_us, l.messages
-            )?,
-            Err(e) => {
-                failures += 1;
-                writeln!(out, "| {consumer:?} | error: {e:#} | | |")?;
+    for rate in rates {
+        for consumer in [Consumer::Wharf, Consumer::Native] {
+            match crate::latency::run(component, consumer, rate, seconds).await {
+                Ok(l) => writeln!(
+                    out,
+                    "| {rate} | {consumer:?} | {:.0} | {:.0} | {} |",
+                    l.p50_us, l.p99_us, l.messages
+                )?,
+                Err(e) => {
+                    failures += 1;
+                    writeln!(out, "| {rate} | {consumer:?} | error: {e:#} | | |")?;
+                }
             }
         }
     }
