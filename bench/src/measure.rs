@@ -246,6 +246,12 @@ impl Wharf {
                     .lines()
                     .filter(|l| l.starts_with("wharf_messages_total") || l.starts_with("wharf_failures_total"))
                     .collect();
+                if std::env::var_os("WHARF_BENCH_KEEP").is_some() {
+                    // Leave it running to be looked at (gdb -p, /metrics).
+                    eprintln!("WHARF_BENCH_KEEP: leaving wharf (pid {}) running", self.pid);
+                    let stand_in = Command::new("true").kill_on_drop(true).spawn()?;
+                    std::mem::forget(std::mem::replace(&mut self.child, stand_in));
+                }
                 bail!(
                     "wharf stopped at {handled} of {n} messages; its counters:\n{}",
                     outcomes.join("\n")

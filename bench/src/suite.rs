@@ -62,6 +62,10 @@ pub async fn drain(component: &FsPath, a: &DrainArgs) -> Result<Sample> {
     let t = Target::new(a.path, &run_id());
     paths::clean(&t, &urls).await?;
     let result = drain_on(component, a, &t, &urls).await;
+    if result.is_err() && std::env::var_os("WHARF_BENCH_KEEP").is_some() {
+        eprintln!("kept what the failed run left on the broker: {t:?}");
+        return result;
+    }
     paths::clean(&t, &urls).await?;
     result
 }
@@ -103,6 +107,9 @@ async fn drain_on(component: &FsPath, a: &DrainArgs, t: &Target, urls: &Urls) ->
                 produced = producer(t, &body);
             }
             let sample = wharf.drain(n, lossy).await;
+            if sample.is_err() && std::env::var_os("WHARF_BENCH_KEEP").is_some() {
+                return sample;
+            }
             wharf.stop().await?;
             if let Some(p) = produced {
                 p.await??;
