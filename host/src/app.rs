@@ -231,6 +231,10 @@ impl App {
     /// Serve HTTP and consume until `shutdown.stop`, then drain: wait up to
     /// the grace period for in-flight messages, release the rest, return.
     pub async fn run(self: Arc<Self>, shutdown: Shutdown) -> Result<()> {
+        // The metrics recorder first: a counter bumped before it exists is
+        // lost, and consumers may settle a waiting backlog before the HTTP
+        // server's task has even started.
+        crate::telemetry::prometheus();
         let listener = tokio::net::TcpListener::bind(self.manifest.host.http)
             .await
             .with_context(|| format!("binding the HTTP server to {}", self.manifest.host.http))?;

@@ -32,7 +32,9 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// The process-wide Prometheus recorder, installed on first use.
+/// The process-wide Prometheus recorder, installed on first use, which must
+/// come before the first message is settled ([`crate::app::App::run`] sees to
+/// it): counts made before it exists are lost.
 pub fn prometheus() -> Option<PrometheusHandle> {
     PROMETHEUS
         .get_or_init(|| match PrometheusBuilder::new().install_recorder() {

@@ -581,6 +581,35 @@ fn readme_example_error_is_what_wharf_prints() -> Result {
     Ok(())
 }
 
+/// A backlog waiting when the host starts is counted in full on /metrics:
+/// the recorder is installed before any consumer runs (it used to be
+/// installed by the HTTP server's task, which could start after the first
+/// few hundred messages were already settled and uncounted).
+#[tokio::test]
+async fn metrics_count_a_backlog_handled_right_at_start() -> Result {
+    const MESSAGES: usize = 2000;
+    let setup = Setup::new(&handler("count", "ok", "jobs", "concurrency = 64\n"))?;
+    {
+        let offline = setup.open()?;
+        let batch = (0..MESSAGES)
+            .map(|i| wharf::broker::OutboundMessage {
+                id: Some(format!("b{i}")),
+                subject: "jobs".into(),
+                payload: bytes::Bytes::from_static(b"{}"),
+                headers: vec![],
+                content_type: None,
+                reply_to: None,
+                delay: Duration::ZERO,
+            })
+            .collect();
+        offline.broker.publish(batch).await?;
+    }
+    let host = setup.start().await?;
+    host.wait_drained(LONG).await?;
+    assert_eq!(host.outcome_count("count", "acked").await?, MESSAGES as u64);
+    Ok(())
+}
+
 /// `instance_reuse = 3`: one instance handles three messages, then a fresh
 /// one takes over; an instance that trapped is never used again; each
 /// message's stdout is logged once. Without the setting every message gets
