@@ -346,18 +346,21 @@ async fn redis_pubsub_success_retry_dead_letter_and_check_warns() -> Result {
     Ok(())
 }
 
-/// Jobs of list `key` not yet finished: queued, held in any consumer's
-/// processing list, or waiting in the delayed set — read in one MULTI, since
-/// a job moves between them.
+/// Jobs of list `key` anywhere wharf keeps them: the queue, the delayed set
+/// and every consumer's processing list, counted in one Lua script — an
+/// atomic snapshot. (Listing the processing lists first and counting after
+/// could miss a job moved from the queue into a processing list in between,
+/// and call a busy list drained.)
 async fn list_backlog(c: &mut redis::aio::MultiplexedConnection, key: &str) -> Result<usize> {
-    let processing: Vec<String> = c.keys(format!("{key}:processing:*")).await?;
-    let mut pipe = redis::pipe();
-    pipe.atomic().llen(key).zcard(format!("{key}:delayed"));
-    for k in &processing {
-        pipe.llen(k);
-    }
-    let counts: Vec<usize> = pipe.query_async(c).await?;
-    Ok(counts.iter().sum())
+    let n: usize = redis::Script::new(
+        "local n = redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[1] .. ':delayed') \
+         for _, k in ipairs(redis.call('KEYS', KEYS[1] .. ':processing:*')) do n = n + redis.call('LLEN', k) end \
+         return n",
+    )
+    .key(key)
+    .invoke_async(c)
+    .await?;
+    Ok(n)
 }
 
 /// Publish `n` messages (ids `<ids>m0`, `<ids>m1`, ...) to a stream or list.
