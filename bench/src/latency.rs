@@ -198,60 +198,24 @@ async fn measure_run(
 /// The native forwarder: consume the stream, parse, publish to `out`, ack.
 pub async fn native_forwarder(t: &Target, urls: &Urls, out: &str, batch: usize) -> Result<()> {
     let mut conn = paths::redis_conn(&urls.redis).await?;
-    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&t.subject)
-        .arg("bench")
-        .arg("$")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await;
-    if let Err(e) = created
-        && e.code() != Some("BUSYGROUP")
-    {
-        return Err(e.into());
-    }
+    paths::ensure_group(&mut conn, &t.subject, "$").await?;
     println!("ready");
     loop {
-        let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg("bench")
-            .arg("native")
-            .arg("COUNT")
-            .arg(batch)
-            .arg("BLOCK")
-            .arg(1000)
-            .arg("STREAMS")
-            .arg(&t.subject)
-            .arg(">")
-            .query_async(&mut conn)
-            .await?;
-        let mut ids = Vec::new();
-        let mut pipe = redis::pipe();
-        for key in reply.keys {
-            for entry in key.ids {
-                if let Some(redis::Value::BulkString(body)) = entry.map.get("payload") {
-                    let _: serde_json::Value = serde_json::from_slice(body)?;
-                    pipe.cmd("XADD")
-                        .arg(out)
-                        .arg("*")
-                        .arg("payload")
-                        .arg(body.as_slice())
-                        .ignore();
-                }
-                ids.push(entry.id);
-            }
-        }
-        if ids.is_empty() {
+        let entries = paths::read_group(&mut conn, &t.subject, batch).await?;
+        if entries.is_empty() {
             continue;
+        }
+        let mut ids = Vec::with_capacity(entries.len());
+        let mut pipe = redis::pipe();
+        for (id, body) in entries {
+            if let Some(body) = body {
+                let _: serde_json::Value = serde_json::from_slice(&body)?;
+                pipe.cmd("XADD").arg(out).arg("*").arg("payload").arg(body).ignore();
+            }
+            ids.push(id);
         }
         // Publish confirmed before the ack, as wharf does with its outbox.
         let () = pipe.query_async(&mut conn).await?;
-        let _: usize = redis::cmd("XACK")
-            .arg(&t.subject)
-            .arg("bench")
-            .arg(&ids)
-            .query_async(&mut conn)
-            .await?;
+        paths::ack_group(&mut conn, &t.subject, &ids).await?;
     }
 }

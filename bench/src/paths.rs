@@ -325,6 +325,68 @@ pub async fn clean(t: &Target, urls: &Urls) -> Result<()> {
     Ok(())
 }
 
+/// The native stream consumers' group `bench`, created (reading from
+/// `start`) unless it exists.
+pub async fn ensure_group(conn: &mut redis::aio::MultiplexedConnection, stream: &str, start: &str) -> Result<()> {
+    let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(stream)
+        .arg("bench")
+        .arg(start)
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await;
+    match created {
+        Err(e) if e.code() != Some("BUSYGROUP") => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Up to `batch` new entries of `stream` for consumer `native` of group
+/// `bench` (blocking up to a second): each entry's id and `payload` field.
+pub async fn read_group(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    batch: usize,
+) -> Result<Vec<(String, Option<Vec<u8>>)>> {
+    let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("bench")
+        .arg("native")
+        .arg("COUNT")
+        .arg(batch)
+        .arg("BLOCK")
+        .arg(1000)
+        .arg("STREAMS")
+        .arg(stream)
+        .arg(">")
+        .query_async(conn)
+        .await?;
+    Ok(reply
+        .keys
+        .into_iter()
+        .flat_map(|key| key.ids)
+        .map(|entry| {
+            let body = match entry.map.get("payload") {
+                Some(redis::Value::BulkString(body)) => Some(body.clone()),
+                _ => None,
+            };
+            (entry.id, body)
+        })
+        .collect())
+}
+
+/// `XACK` `ids` of `stream` for group `bench`.
+pub async fn ack_group(conn: &mut redis::aio::MultiplexedConnection, stream: &str, ids: &[String]) -> Result<()> {
+    let _: usize = redis::cmd("XACK")
+        .arg(stream)
+        .arg("bench")
+        .arg(ids)
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
 /// Counts handled messages and tells the parent: `ready` once consuming,
 /// `first` at the first message, `done` at the `n`th.
 struct Progress {
@@ -364,52 +426,21 @@ pub async fn native(t: &Target, urls: &Urls, n: usize, batch: usize) -> Result<(
     match t.path {
         Path::RedisStream => {
             let mut conn = redis_conn(&urls.redis).await?;
-            let created: redis::RedisResult<()> = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(&t.subject)
-                .arg("bench")
-                .arg("0")
-                .arg("MKSTREAM")
-                .query_async(&mut conn)
-                .await;
-            if let Err(e) = created
-                && e.code() != Some("BUSYGROUP")
-            {
-                return Err(e.into());
-            }
+            ensure_group(&mut conn, &t.subject, "0").await?;
             let mut progress = Progress::new(n);
             loop {
-                let reply: redis::streams::StreamReadReply = redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg("bench")
-                    .arg("native")
-                    .arg("COUNT")
-                    .arg(batch)
-                    .arg("BLOCK")
-                    .arg(1000)
-                    .arg("STREAMS")
-                    .arg(&t.subject)
-                    .arg(">")
-                    .query_async(&mut conn)
-                    .await?;
-                let mut ids = Vec::new();
-                for key in reply.keys {
-                    for entry in key.ids {
-                        if let Some(redis::Value::BulkString(body)) = entry.map.get("payload") {
-                            parse(body)?;
-                        }
-                        ids.push(entry.id);
-                    }
-                }
-                if ids.is_empty() {
+                let entries = read_group(&mut conn, &t.subject, batch).await?;
+                if entries.is_empty() {
                     continue;
                 }
-                let _: usize = redis::cmd("XACK")
-                    .arg(&t.subject)
-                    .arg("bench")
-                    .arg(&ids)
-                    .query_async(&mut conn)
-                    .await?;
+                let mut ids = Vec::with_capacity(entries.len());
+                for (id, body) in entries {
+                    if let Some(body) = body {
+                        parse(&body)?;
+                    }
+                    ids.push(id);
+                }
+                ack_group(&mut conn, &t.subject, &ids).await?;
                 if progress.handled(ids.len()) {
                     return Ok(());
                 }
