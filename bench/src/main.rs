@@ -14,6 +14,11 @@
 //!   consumer; end-to-end p50/p99.
 //! - `suite`: all of it, one table.
 
+/// The allocator the `wharf` binary uses, so that the in-process Wasm cost
+/// and the native consumers are measured on the same footing.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod latency;
 mod measure;
 mod paths;
