@@ -210,6 +210,7 @@ impl App {
                     .rate_limit
                     .as_ref()
                     .and_then(|r| delivery::rate_limiter(r.messages, Duration::from_millis(r.per_ms))),
+                metrics: Default::default(),
             }));
         }
         Ok(Arc::new(Self {

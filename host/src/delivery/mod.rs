@@ -20,7 +20,7 @@
 pub mod dedup;
 mod retry;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -75,6 +75,38 @@ pub struct Binding {
     pub dedup: Option<(Arc<dyn DedupStore>, Duration)>,
     /// Rate limit, when set.
     pub rate_limit: Option<DefaultDirectRateLimiter>,
+    /// The binding's metric handles, registered on first use.
+    pub metrics: OnceLock<BindingMetrics>,
+}
+
+/// A binding's counters and histogram, looked up in the recorder once rather
+/// than once per message (a lookup hashes the labels and clones the name).
+pub struct BindingMetrics {
+    attempt_seconds: metrics::Histogram,
+    /// By [`Settled`], in [`Settled::ALL`] order.
+    messages: Vec<metrics::Counter>,
+    /// By [`FailureKind`], in [`FailureKind::ALL`] order.
+    failures: Vec<metrics::Counter>,
+}
+
+impl BindingMetrics {
+    fn new(handler: &str) -> Self {
+        // The recorder must exist before a handle is taken, or the handle
+        // counts into nothing.
+        crate::telemetry::prometheus();
+        let name = handler.to_string();
+        Self {
+            attempt_seconds: metrics::histogram!("wharf_attempt_seconds", "handler" => name.clone()),
+            messages: Settled::ALL
+                .iter()
+                .map(|s| metrics::counter!("wharf_messages_total", "handler" => name.clone(), "outcome" => s.as_str()))
+                .collect(),
+            failures: FailureKind::ALL
+                .iter()
+                .map(|k| metrics::counter!("wharf_failures_total", "handler" => name.clone(), "reason" => k.as_str()))
+                .collect(),
+        }
+    }
 }
 
 /// Build a rate limiter allowing `messages` per `per`, with a burst of
@@ -114,6 +146,16 @@ pub enum Settled {
 }
 
 impl Settled {
+    const ALL: [Settled; 7] = [
+        Settled::Acked,
+        Settled::Deduplicated,
+        Settled::Retried,
+        Settled::DeadLettered,
+        Settled::Released,
+        Settled::Deferred,
+        Settled::Unknown,
+    ];
+
     fn as_str(self) -> &'static str {
         match self {
             Settled::Acked => "acked",
@@ -130,6 +172,15 @@ impl Settled {
 impl Binding {
     fn lease(&self) -> Duration {
         lease_for(self.context.limits.timeout)
+    }
+
+    fn metrics(&self) -> &BindingMetrics {
+        self.metrics.get_or_init(|| BindingMetrics::new(&self.name))
+    }
+
+    fn count_failure(&self, kind: FailureKind) {
+        let i = FailureKind::ALL.iter().position(|k| *k == kind).unwrap_or_default();
+        self.metrics().failures[i].increment(1);
     }
 }
 
@@ -166,13 +217,15 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
         // Unused slots (fewer deliveries than asked for) drop here.
         for (delivery, slot) in deliveries.into_iter().zip(slots) {
             let (binding, runtime, abort) = (binding.clone(), runtime.clone(), shutdown.abort.clone());
-            in_flight.spawn(async move {
+            // Boxed: the attempt's future is several KiB (it holds the
+            // Wasm call's), and spawn would otherwise copy it around.
+            in_flight.spawn(Box::pin(async move {
                 let _slot = slot;
                 tokio::select! {
                     settled = process(&binding, &runtime, &delivery) => settled,
                     _ = abort.cancelled() => release(&binding, &delivery).await,
                 }
-            });
+            }));
         }
     }
     binding.source.stop().await;
@@ -270,8 +323,7 @@ async fn attempt_and_settle(binding: &Binding, runtime: &Runtime, d: &Delivery) 
         reply_to: d.reply_to.clone(),
     };
     let attempt = runtime.invoke(&component, &binding.context, msg).await;
-    metrics::histogram!("wharf_attempt_seconds", "handler" => binding.name.clone())
-        .record(attempt.elapsed.as_secs_f64());
+    binding.metrics().attempt_seconds.record(attempt.elapsed.as_secs_f64());
 
     if let Err(failure) = attempt.result {
         return retry_or_dead_letter(binding, d, &failure).await;
@@ -307,8 +359,7 @@ async fn retry_or_dead_letter(binding: &Binding, d: &Delivery, failure: &Failure
         retry_in_ms = delay.as_millis() as u64,
         "attempt failed; will retry"
     );
-    metrics::counter!("wharf_failures_total", "handler" => binding.name.clone(), "reason" => failure.kind.as_str())
-        .increment(1);
+    binding.count_failure(failure.kind);
     settle(binding, d, Settled::Retried, d.acker.retry(delay).await)
 }
 
@@ -336,8 +387,7 @@ async fn dead_letter(binding: &Binding, d: &Delivery, failure: &Failure) -> Sett
         queue = %binding.dead_letter_queue,
         "message dead-lettered"
     );
-    metrics::counter!("wharf_failures_total", "handler" => binding.name.clone(), "reason" => failure.kind.as_str())
-        .increment(1);
+    binding.count_failure(failure.kind);
     let headers = dead_letter_headers(&binding.name, d, failure);
     settle(
         binding,
@@ -365,7 +415,7 @@ fn settle(binding: &Binding, d: &Delivery, intended: Settled, result: anyhow::Re
             Settled::Unknown
         }
     };
-    metrics::counter!("wharf_messages_total", "handler" => binding.name.clone(), "outcome" => settled.as_str())
-        .increment(1);
+    let i = Settled::ALL.iter().position(|s| *s == settled).unwrap_or_default();
+    binding.metrics().messages[i].increment(1);
     settled
 }

@@ -70,6 +70,17 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    /// Every kind.
+    pub const ALL: [FailureKind; 7] = [
+        FailureKind::Retry,
+        FailureKind::Rejected,
+        FailureKind::Trap,
+        FailureKind::Timeout,
+        FailureKind::Memory,
+        FailureKind::Error,
+        FailureKind::PayloadTooLarge,
+    ];
+
     /// Stable name.
     pub fn as_str(self) -> &'static str {
         match self {
