@@ -160,7 +160,12 @@ impl Wharf {
         let addr_file = data_dir.join(wharf::app::HTTP_ADDR_FILE);
         let deadline = Instant::now() + Duration::from_secs(120);
         let addr = loop {
-            if let Ok(addr) = std::fs::read_to_string(&addr_file) {
+            // Only a whole address: a file caught mid-write (by an older
+            // wharf, which did not write it atomically) is read again.
+            if let Some(addr) = std::fs::read_to_string(&addr_file)
+                .ok()
+                .and_then(|a| a.trim().parse::<std::net::SocketAddr>().ok())
+            {
                 break addr;
             }
             if let Some(status) = child.try_wait()? {
@@ -172,10 +177,15 @@ impl Wharf {
         let http = reqwest::Client::new();
         loop {
             let ready = http.get(format!("http://{addr}/readyz")).send().await;
-            if ready.is_ok_and(|r| r.status().is_success()) {
-                break;
-            }
-            anyhow::ensure!(Instant::now() < deadline, "wharf did not become ready in 120 s");
+            let last = match ready {
+                Ok(r) if r.status().is_success() => break,
+                Ok(r) => format!("answered {}", r.status()),
+                Err(e) => format!("{e}"),
+            };
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "wharf did not become ready in 120 s (http://{addr}/readyz: {last})"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(Self {

@@ -240,7 +240,12 @@ impl App {
             .await
             .with_context(|| format!("binding the HTTP server to {}", self.manifest.host.http))?;
         let addr: SocketAddr = listener.local_addr()?;
-        std::fs::write(self.manifest.host.data_dir.join(HTTP_ADDR_FILE), addr.to_string())?;
+        // Written whole or not at all (a reader polling for it never sees it
+        // empty or half written): a temporary file, then a rename.
+        let addr_file = self.manifest.host.data_dir.join(HTTP_ADDR_FILE);
+        let tmp = addr_file.with_extension("addr.tmp");
+        std::fs::write(&tmp, addr.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &addr_file).with_context(|| format!("writing {}", addr_file.display()))?;
         tracing::info!(%addr, "HTTP server listening");
         let server = tokio::spawn(crate::server::serve(listener, self.clone(), shutdown.abort.clone()));
 
