@@ -489,7 +489,7 @@ struct StreamShared {
     group: String,
     consumer: String,
     reclaim_after: Duration,
-    acks: mpsc::UnboundedSender<(String, oneshot::Sender<Result<()>>)>,
+    acks: mpsc::UnboundedSender<PendingAck>,
     /// Retries waiting for their delay: (due, entry id) → next attempt. The
     /// entry itself stays pending in Redis, so a crash loses only the timer:
     /// a restart re-reads it, or another host's janitor reclaims it.
@@ -531,7 +531,7 @@ impl StreamSource {
             acks,
             retries: Default::default(),
         });
-        tokio::spawn(ack_batcher(Arc::downgrade(&inner), rx));
+        tokio::spawn(ack_batcher(Arc::downgrade(&inner), rx, xack));
         Self {
             inner,
             blocking,
@@ -785,33 +785,52 @@ impl Source for StreamSource {
     }
 }
 
-/// Folds concurrent acks into one `XACK` per round trip.
-async fn ack_batcher(
-    shared: std::sync::Weak<StreamShared>,
-    mut rx: mpsc::UnboundedReceiver<(String, oneshot::Sender<Result<()>>)>,
-) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 1024 {
-            match rx.try_recv() {
-                Ok(item) => batch.push(item),
-                Err(_) => break,
-            }
-        }
+/// An ack waiting for its batch: the entry id or list item, and who waits.
+type PendingAck = (String, oneshot::Sender<Result<()>>);
+
+/// The most acks folded into one command.
+const ACK_BATCH: usize = 1024;
+
+/// Fold concurrent acks into one command per round trip (a group commit):
+/// the first goes at once, those that arrive while it is in flight go
+/// together next. `flush` settles a batch and says, item by item, whether it
+/// was settled. Ends with `shared` (the source).
+async fn ack_batcher<S, F, Fut>(shared: std::sync::Weak<S>, mut rx: mpsc::UnboundedReceiver<PendingAck>, flush: F)
+where
+    F: Fn(Arc<S>, Vec<String>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Result<()>>>,
+{
+    let mut batch = Vec::with_capacity(ACK_BATCH);
+    while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
         let Some(s) = shared.upgrade() else { return };
-        let ids: Vec<&String> = batch.iter().map(|(id, _)| id).collect();
-        let result: Result<i64> = s
-            .commands
-            .query(redis::cmd("XACK").arg(&s.stream).arg(&s.group).arg(ids))
-            .await;
-        let err = result.err().map(|e| format!("{e:#}"));
-        for (_, done) in batch {
-            let _ = done.send(match &err {
-                None => Ok(()),
-                Some(e) => Err(anyhow!("XACK failed: {e}")),
-            });
+        let (items, waiting): (Vec<String>, Vec<_>) = batch.drain(..).unzip();
+        let settled = flush(s, items).await;
+        for (done, result) in waiting.into_iter().zip(settled) {
+            let _ = done.send(result);
         }
     }
+}
+
+/// Hand `item` to an [`ack_batcher`] and wait for its batch.
+async fn batched_ack(acks: &mpsc::UnboundedSender<PendingAck>, item: String) -> Result<()> {
+    let (tx, rx) = oneshot::channel();
+    acks.send((item, tx)).map_err(|_| anyhow!("the ack batcher stopped"))?;
+    rx.await.map_err(|_| anyhow!("the ack batcher dropped an ack"))?
+}
+
+/// One `XACK` for a batch of entry ids: all acked, or all failed.
+async fn xack(s: Arc<StreamShared>, ids: Vec<String>) -> Vec<Result<()>> {
+    let result: Result<i64> = s
+        .commands
+        .query(redis::cmd("XACK").arg(&s.stream).arg(&s.group).arg(&ids))
+        .await;
+    let err = result.err().map(|e| format!("{e:#}"));
+    ids.iter()
+        .map(|_| match &err {
+            None => Ok(()),
+            Some(e) => Err(anyhow!("XACK failed: {e}")),
+        })
+        .collect()
 }
 
 struct StreamAcker {
@@ -823,12 +842,7 @@ struct StreamAcker {
 #[async_trait]
 impl Acker for StreamAcker {
     async fn ack(&self) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.shared
-            .acks
-            .send((self.entry_id.clone(), tx))
-            .map_err(|_| anyhow!("stream acker stopped"))?;
-        rx.await.map_err(|_| anyhow!("stream acker dropped an ack"))?
+        batched_ack(&self.shared.acks, self.entry_id.clone()).await
     }
 
     async fn retry(&self, delay: Duration) -> Result<()> {
@@ -917,6 +931,8 @@ struct ListKeys {
     delayed: String,
     consumer: String,
     in_flight: InFlight,
+    /// Acks waiting for [`lrem_many`], started with the source.
+    acks: std::sync::OnceLock<mpsc::UnboundedSender<PendingAck>>,
 }
 
 /// How long a list consumer's heartbeat lives; refreshed every third of it.
@@ -964,6 +980,54 @@ end
 return #due
 "#;
 
+/// Remove each ARGV from the processing list KEYS[1] (acks); 1 for each one
+/// that was there, 0 for one that was not.
+const ACK_MANY: &str = r#"
+local out = {}
+for i, item in ipairs(ARGV) do out[i] = redis.call('LREM', KEYS[1], 1, item) end
+return out
+"#;
+
+/// [`ACK_MANY`] and [`SETTLE`], hashed once.
+static ACK_MANY_SCRIPT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| Script::new(ACK_MANY));
+static SETTLE_SCRIPT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| Script::new(SETTLE));
+
+/// Ack a batch of jobs: one script removes them all from the processing
+/// list. A job no longer there (returned by a reaper) was not acked.
+async fn lrem_many(commands: Arc<Conn>, keys: Arc<ListKeys>, items: Vec<String>) -> Vec<Result<()>> {
+    let mut invocation = ACK_MANY_SCRIPT.key(&keys.processing);
+    for item in &items {
+        invocation.arg(item);
+    }
+    let removed: Result<Vec<i64>> = commands.script(&invocation).await;
+    match removed {
+        Ok(removed) if removed.len() == items.len() => removed
+            .into_iter()
+            .map(|n| match n {
+                0 => Err(anyhow!(
+                    "no longer in {} (returned to the queue by a reaper?); the ack was not applied",
+                    keys.processing
+                )),
+                _ => Ok(()),
+            })
+            .collect(),
+        Ok(removed) => items
+            .iter()
+            .map(|_| {
+                Err(anyhow!(
+                    "ack script answered {} results for {} jobs",
+                    removed.len(),
+                    items.len()
+                ))
+            })
+            .collect(),
+        Err(e) => {
+            let e = format!("{e:#}");
+            items.iter().map(|_| Err(anyhow!("{e}"))).collect()
+        }
+    }
+}
+
 /// Remove ARGV[1] from the processing list KEYS[1]; if it was there, act:
 /// ARGV[2] = 'ack' | 'retry' (ZADD KEYS[2] at now + ARGV[4] ms the item
 /// ARGV[3]) | 'dead' (LPUSH KEYS[2] ARGV[3]) | 'release' (RPUSH KEYS[2]
@@ -993,6 +1057,7 @@ impl ListSource {
             delayed: format!("{queue}:delayed"),
             consumer: consumer.to_string(),
             in_flight: Default::default(),
+            acks: Default::default(),
         });
         Self {
             commands,
@@ -1022,6 +1087,14 @@ impl ListSource {
             tracing::info!(queue = %k.queue, consumer = %k.consumer, returned = n, "returned this consumer's unfinished jobs to the queue");
         }
         tokio::spawn(list_maintenance(Arc::downgrade(&self.keys), self.commands.clone()));
+        self.keys.acks.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let commands = self.commands.clone();
+            tokio::spawn(ack_batcher(Arc::downgrade(&self.keys), rx, move |keys, items| {
+                lrem_many(commands.clone(), keys, items)
+            }));
+            tx
+        });
         self.started.store(true, Ordering::SeqCst);
         Ok(())
     }
@@ -1215,7 +1288,7 @@ impl ListAcker {
         let done: i64 = self
             .commands
             .script(
-                Script::new(SETTLE)
+                SETTLE_SCRIPT
                     .key(&self.keys.processing)
                     .key(target)
                     .arg(&self.raw)
@@ -1238,7 +1311,10 @@ impl ListAcker {
 #[async_trait]
 impl Acker for ListAcker {
     async fn ack(&self) -> Result<()> {
-        self.settle("ack", &self.keys.queue, "", 0).await
+        let acks = self.keys.acks.get().ok_or_else(|| anyhow!("list source not started"))?;
+        batched_ack(acks, self.raw.clone())
+            .await
+            .with_context(|| format!("acking job {}", self.env.id))
     }
 
     async fn retry(&self, delay: Duration) -> Result<()> {
