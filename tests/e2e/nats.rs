@@ -358,6 +358,71 @@ async fn nats_jetstream_sigkill_mid_load_then_restart_loses_nothing() -> Result 
     Ok(())
 }
 
+/// A message held longer than the consumer's ack wait is kept alive by
+/// `Progress` and never redelivered under its attempt. The durable consumer
+/// exists before the host, with a 1 s ack wait (far shorter than the lease
+/// the host would have given it), and every message takes 2.5 s.
+#[tokio::test]
+async fn nats_jetstream_progress_keeps_slow_messages_past_the_ack_wait() -> Result {
+    const MESSAGES: usize = 6;
+    let url = url();
+    let Some(client) = connect(&url).await else {
+        return Ok(());
+    };
+    let js = jetstream::new(client.clone());
+    let (p, s) = prefix();
+    let stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: format!("{s}_JOBS"),
+            subjects: vec![format!("{p}.js.>")],
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await?;
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("slow".into()),
+            filter_subject: format!("{p}.js.a"),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait: Duration::from_secs(1),
+            max_deliver: -1,
+            ..Default::default()
+        })
+        .await?;
+    let manifest = format!(
+        "{}{}",
+        broker(&url, &streams(&p, &s, 120)),
+        jetstream_handler(
+            "slow",
+            "slow",
+            &p,
+            &s,
+            "a",
+            "concurrency = 8\ntimeout_ms = 5000\nconfig = { sleep_ms = \"2500\" }\n"
+        ),
+    );
+    let setup = Setup::new(&manifest)?;
+    let host = setup.start().await?;
+    for i in 0..MESSAGES {
+        js.publish_with_headers(format!("{p}.js.a"), with_id(&format!("m{i}")), "{}".into())
+            .await?
+            .await?;
+    }
+    host.wait_for("every message handled", LONG, || async {
+        Ok(host.outcome_count("slow", "acked").await? == MESSAGES as u64)
+    })
+    .await?;
+    let info = stream.consumer_info("slow").await?;
+    assert_eq!(info.num_redelivered, 0, "a held message was redelivered: {info:?}");
+    assert_eq!(info.num_ack_pending, 0);
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    for i in 0..MESSAGES {
+        assert_eq!(db.counter("default", &format!("runs:m{i}")), 1, "m{i}");
+    }
+    Ok(())
+}
+
 /// A private nats-server with JetStream on a free port (the example uses
 /// fixed subjects and stream names).
 struct PrivateNats {
