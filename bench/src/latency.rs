@@ -28,20 +28,40 @@ fn now_us() -> u64 {
         .as_micros() as u64
 }
 
-/// Run the producer, the consumer and the reader for `duration`.
-pub async fn run(component: &std::path::Path, consumer: Consumer, rate: u32, duration: Duration) -> Result<Latency> {
+/// Run the producer, the consumer and the reader for `duration`; wharf's
+/// handler has `instance_reuse` (1: a fresh instance per message).
+pub async fn run(
+    component: &std::path::Path,
+    consumer: Consumer,
+    rate: u32,
+    duration: Duration,
+    instance_reuse: u32,
+) -> Result<Latency> {
     let urls = Urls::from_env();
     let run = format!("lat{:x}{}", std::process::id(), now_us() % 1_000_000);
     let t = Target::new(Path::RedisStream, &run);
     let out = format!("{}.out", t.subject);
-    let result = measure_run(component, consumer, rate, duration, &t, &out, &urls).await;
+    let who = Who {
+        component,
+        consumer,
+        instance_reuse,
+    };
+    let result = measure_run(&who, rate, duration, &t, &out, &urls).await;
     paths::clean(&t, &urls).await?;
     result
 }
 
-async fn measure_run(
-    component: &std::path::Path,
+/// The consumer under test.
+#[derive(Clone, Copy)]
+struct Who<'a> {
+    component: &'a std::path::Path,
     consumer: Consumer,
+    /// wharf's `instance_reuse`.
+    instance_reuse: u32,
+}
+
+async fn measure_run(
+    who: &Who<'_>,
     rate: u32,
     duration: Duration,
     t: &Target,
@@ -60,12 +80,19 @@ async fn measure_run(
     let _dir;
     let mut wharf = None;
     let mut child = None;
+    let Who {
+        component,
+        consumer,
+        instance_reuse,
+    } = *who;
     match consumer {
         Consumer::Wharf => {
             let dir = tempfile::tempdir()?;
             let data = dir.path().join("data");
             let manifest = dir.path().join("wharf.toml");
-            let extra = format!("publish = [\"bench.>\"]\nconfig = {{ forward_to = {out:?} }}\n");
+            let extra = format!(
+                "publish = [\"bench.>\"]\ninstance_reuse = {instance_reuse}\nconfig = {{ forward_to = {out:?} }}\n"
+            );
             std::fs::write(
                 &manifest,
                 crate::suite::wharf_manifest(component, t, urls, &data, 100, &extra),

@@ -104,6 +104,9 @@ enum Command {
         rate: u32,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// wharf only: the handler's `instance_reuse` (1: an instance per message).
+        #[arg(long, default_value_t = 1)]
+        instance_reuse: u32,
     },
     /// Everything, as the table in docs/BENCHMARKS.md.
     Suite {
@@ -278,10 +281,18 @@ async fn main() -> Result<()> {
             consumer,
             rate,
             seconds,
+            instance_reuse,
         } => {
-            let l = latency::run(&component?, consumer, rate, Duration::from_secs(seconds)).await?;
+            let l = latency::run(
+                &component?,
+                consumer,
+                rate,
+                Duration::from_secs(seconds),
+                instance_reuse,
+            )
+            .await?;
             println!(
-                "latency redis-stream {consumer:?} rate={rate}/s: p50 {:.0} µs, p99 {:.0} µs ({} messages)",
+                "latency redis-stream {consumer:?} rate={rate}/s instance_reuse={instance_reuse}: p50 {:.0} µs, p99 {:.0} µs ({} messages)",
                 l.p50_us, l.p99_us, l.messages
             );
             Ok(())

@@ -370,7 +370,7 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>) -> Re
     )?;
     for rate in rates {
         for consumer in [Consumer::Wharf, Consumer::Native] {
-            match crate::latency::run(component, consumer, rate, seconds).await {
+            match crate::latency::run(component, consumer, rate, seconds, 1).await {
                 Ok(l) => writeln!(
                     out,
                     "| {rate} | {consumer:?} | {:.0} | {:.0} | {} |",
