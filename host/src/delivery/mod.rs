@@ -179,8 +179,25 @@ impl Binding {
     }
 
     fn count_failure(&self, kind: FailureKind) {
-        let i = FailureKind::ALL.iter().position(|k| *k == kind).unwrap_or_default();
-        self.metrics().failures[i].increment(1);
+        match FailureKind::ALL.iter().position(|k| *k == kind) {
+            Some(i) => self.metrics().failures[i].increment(1),
+            // A kind left out of `ALL`: still counted, by a lookup.
+            None => {
+                metrics::counter!("wharf_failures_total", "handler" => self.name.clone(), "reason" => kind.as_str())
+                    .increment(1)
+            }
+        }
+    }
+
+    fn count_settled(&self, settled: Settled) {
+        match Settled::ALL.iter().position(|s| *s == settled) {
+            Some(i) => self.metrics().messages[i].increment(1),
+            // An outcome left out of `ALL`: still counted, by a lookup.
+            None => {
+                metrics::counter!("wharf_messages_total", "handler" => self.name.clone(), "outcome" => settled.as_str())
+                    .increment(1)
+            }
+        }
     }
 }
 
@@ -415,7 +432,6 @@ fn settle(binding: &Binding, d: &Delivery, intended: Settled, result: anyhow::Re
             Settled::Unknown
         }
     };
-    let i = Settled::ALL.iter().position(|s| *s == settled).unwrap_or_default();
-    binding.metrics().messages[i].increment(1);
+    binding.count_settled(settled);
     settled
 }
