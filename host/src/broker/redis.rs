@@ -1029,12 +1029,16 @@ async fn lrem_many(commands: Arc<Conn>, keys: Arc<ListKeys>, items: Vec<String>)
 }
 
 /// Remove ARGV[1] from the processing list KEYS[1]; if it was there, act:
-/// ARGV[2] = 'ack' | 'retry' (ZADD KEYS[2] at now + ARGV[4] ms the item
-/// ARGV[3]) | 'dead' (LPUSH KEYS[2] ARGV[3]) | 'release' (RPUSH KEYS[2]
-/// ARGV[1]). Returns 1 when done, 0 when the item was no longer held.
+/// ARGV[2] = 'retry' (ZADD KEYS[2] at now + ARGV[4] ms the item ARGV[3]) |
+/// 'dead' (LPUSH KEYS[2] ARGV[3]) | 'release' (RPUSH KEYS[2] ARGV[1]).
+/// Returns 1 when done, 0 when the item was no longer held. Acks go through
+/// [`ACK_MANY`]; any other op is refused before anything is removed.
 const SETTLE: &str = r#"
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 local op = ARGV[2]
+if op ~= 'retry' and op ~= 'dead' and op ~= 'release' then
+  return redis.error_reply('wharf settle: unknown op ' .. tostring(op))
+end
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
 if op == 'retry' then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
