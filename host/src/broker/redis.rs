@@ -247,6 +247,8 @@ impl RedisBroker {
     pub fn dedup(&self) -> Arc<dyn DedupStore> {
         Arc::new(RedisDedup {
             commands: self.commands.clone(),
+            claims: Default::default(),
+            marks: Default::default(),
         })
     }
 }
@@ -531,7 +533,7 @@ impl StreamSource {
             acks,
             retries: Default::default(),
         });
-        tokio::spawn(ack_batcher(Arc::downgrade(&inner), rx, xack));
+        tokio::spawn(batcher(Arc::downgrade(&inner), rx, xack));
         Self {
             inner,
             blocking,
@@ -785,37 +787,41 @@ impl Source for StreamSource {
     }
 }
 
-/// An ack waiting for its batch: the entry id or list item, and who waits.
-type PendingAck = (String, oneshot::Sender<Result<()>>);
+/// An item waiting for its batch, and who waits for its answer.
+type Pending<I, R> = (I, oneshot::Sender<Result<R>>);
 
-/// The most acks folded into one command.
+/// An ack waiting for its batch: the entry id or list item.
+type PendingAck = Pending<String, ()>;
+
+/// The most items folded into one command.
 const ACK_BATCH: usize = 1024;
 
-/// Fold concurrent acks into one command per round trip (a group commit):
-/// the first goes at once, those that arrive while it is in flight go
-/// together next. `flush` settles a batch and says, item by item, whether it
-/// was settled. Ends with `shared` (the source).
-async fn ack_batcher<S, F, Fut>(shared: std::sync::Weak<S>, mut rx: mpsc::UnboundedReceiver<PendingAck>, flush: F)
+/// Fold concurrent requests (acks, dedup claims, dedup marks) into one
+/// command per round trip (a group commit): the first goes at once, those
+/// that arrive while it is in flight go together next. `flush` handles a
+/// batch and answers item by item, in order. Ends with `shared` (the source
+/// or the connection) or when every sender is gone.
+async fn batcher<S, I, R, F, Fut>(shared: std::sync::Weak<S>, mut rx: mpsc::UnboundedReceiver<Pending<I, R>>, flush: F)
 where
-    F: Fn(Arc<S>, Vec<String>) -> Fut,
-    Fut: std::future::Future<Output = Vec<Result<()>>>,
+    F: Fn(Arc<S>, Vec<I>) -> Fut,
+    Fut: std::future::Future<Output = Vec<Result<R>>>,
 {
     let mut batch = Vec::with_capacity(ACK_BATCH);
     while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
         let Some(s) = shared.upgrade() else { return };
-        let (items, waiting): (Vec<String>, Vec<_>) = batch.drain(..).unzip();
-        let settled = flush(s, items).await;
-        for (done, result) in waiting.into_iter().zip(settled) {
-            let _ = done.send(result);
+        let (items, waiting): (Vec<I>, Vec<_>) = batch.drain(..).unzip();
+        let answers = flush(s, items).await;
+        for (done, answer) in waiting.into_iter().zip(answers) {
+            let _ = done.send(answer);
         }
     }
 }
 
-/// Hand `item` to an [`ack_batcher`] and wait for its batch.
-async fn batched_ack(acks: &mpsc::UnboundedSender<PendingAck>, item: String) -> Result<()> {
+/// Hand `item` to a [`batcher`] and wait for its batch's answer.
+async fn batched<I, R>(to: &mpsc::UnboundedSender<Pending<I, R>>, item: I) -> Result<R> {
     let (tx, rx) = oneshot::channel();
-    acks.send((item, tx)).map_err(|_| anyhow!("the ack batcher stopped"))?;
-    rx.await.map_err(|_| anyhow!("the ack batcher dropped an ack"))?
+    to.send((item, tx)).map_err(|_| anyhow!("the batcher stopped"))?;
+    rx.await.map_err(|_| anyhow!("the batcher dropped a request"))?
 }
 
 /// One `XACK` for a batch of entry ids: all acked, or all failed.
@@ -842,7 +848,7 @@ struct StreamAcker {
 #[async_trait]
 impl Acker for StreamAcker {
     async fn ack(&self) -> Result<()> {
-        batched_ack(&self.shared.acks, self.entry_id.clone()).await
+        batched(&self.shared.acks, self.entry_id.clone()).await
     }
 
     async fn retry(&self, delay: Duration) -> Result<()> {
@@ -1094,7 +1100,7 @@ impl ListSource {
         self.keys.acks.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
             let commands = self.commands.clone();
-            tokio::spawn(ack_batcher(Arc::downgrade(&self.keys), rx, move |keys, items| {
+            tokio::spawn(batcher(Arc::downgrade(&self.keys), rx, move |keys, items| {
                 lrem_many(commands.clone(), keys, items)
             }));
             tx
@@ -1316,7 +1322,7 @@ impl ListAcker {
 impl Acker for ListAcker {
     async fn ack(&self) -> Result<()> {
         let acks = self.keys.acks.get().ok_or_else(|| anyhow!("list source not started"))?;
-        batched_ack(acks, self.raw.clone())
+        batched(acks, self.raw.clone())
             .await
             .with_context(|| format!("acking job {}", self.env.id))
     }
@@ -1584,55 +1590,114 @@ impl Sink for RedisSink {
     }
 }
 
+/// Dedup keys in Redis. Claims and marks from concurrent deliveries are
+/// sent in one pipeline per round trip each (the way acks are batched), so
+/// each costs the host a share of one request rather than a request.
 struct RedisDedup {
     commands: Arc<Conn>,
+    /// `(key, lease ms)` to claim; started on first use.
+    claims: std::sync::OnceLock<mpsc::UnboundedSender<Pending<(String, u64), Claim>>>,
+    /// `(key, ttl ms)` to mark done; started on first use.
+    marks: std::sync::OnceLock<mpsc::UnboundedSender<Pending<(String, u64), ()>>>,
 }
 
 fn dedup_key(handler: &str, id: &str) -> String {
     format!("wharf:dedup:{handler}:{id}")
 }
 
-#[async_trait]
-impl DedupStore for RedisDedup {
-    async fn claim(&self, handler: &str, id: &str, lease: Duration) -> Result<Claim> {
-        let key = dedup_key(handler, id);
-        let set: Option<String> = self
-            .commands
-            .query(
-                redis::cmd("SET")
-                    .arg(&key)
-                    .arg("claimed")
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(lease.as_millis().max(1) as u64),
-            )
-            .await?;
-        if set.is_some() {
-            return Ok(Claim::Acquired);
+/// Claim a batch of `(key, lease ms)`: one pipeline of `SET NX PX`, then,
+/// for the keys already set (duplicates, rare), one pipeline of `GET` to
+/// tell a claim (busy) from a mark (done). Plain commands, not a script:
+/// Lua costs Redis more per key than the commands it would save.
+async fn claim_many(commands: Arc<Conn>, items: Vec<(String, u64)>) -> Vec<Result<Claim>> {
+    let mut set = redis::pipe();
+    for (key, ms) in &items {
+        set.cmd("SET").arg(key).arg("claimed").arg("NX").arg("PX").arg(ms);
+    }
+    let claimed = match commands.pipe::<Vec<Option<String>>>(&set).await {
+        Ok(c) if c.len() == items.len() => c,
+        Ok(c) => return all_failed(&items, format!("{} answers to {} claims", c.len(), items.len())),
+        Err(e) => return all_failed(&items, format!("{e:#}")),
+    };
+    let taken: Vec<&str> = items
+        .iter()
+        .zip(&claimed)
+        .filter(|(_, c)| c.is_none())
+        .map(|((key, _), _)| key.as_str())
+        .collect();
+    let mut current = Vec::new();
+    if !taken.is_empty() {
+        let mut get = redis::pipe();
+        for key in &taken {
+            get.cmd("GET").arg(*key);
         }
-        let current: Option<String> = self.commands.query(redis::cmd("GET").arg(&key)).await?;
-        Ok(match current.as_deref() {
-            Some("claimed") => Claim::Busy,
-            // Gone between the two calls (expired): someone else may claim
-            // it now; come back later rather than race.
-            None => Claim::Busy,
-            // "done", or a mark written by anything else: handled.
-            Some(_) => Claim::Done,
+        current = match commands.pipe::<Vec<Option<String>>>(&get).await {
+            Ok(c) if c.len() == taken.len() => c,
+            Ok(c) => return all_failed(&items, format!("{} answers to {} reads", c.len(), taken.len())),
+            Err(e) => return all_failed(&items, format!("{e:#}")),
+        };
+    }
+    let mut current = current.into_iter();
+    claimed
+        .into_iter()
+        .map(|c| match c {
+            Some(_) => Ok(Claim::Acquired),
+            None => Ok(match current.next().flatten().as_deref() {
+                // Claimed by a copy in flight, or expired since the SET
+                // (someone else may claim it now): come back later.
+                Some("claimed") | None => Claim::Busy,
+                // "done", or a mark written by anything else: handled.
+                Some(_) => Claim::Done,
+            }),
+        })
+        .collect()
+}
+
+/// Mark a batch of `(key, ttl ms)` done: one pipeline of `SET PX`.
+async fn mark_many(commands: Arc<Conn>, items: Vec<(String, u64)>) -> Vec<Result<()>> {
+    let mut set = redis::pipe();
+    for (key, ms) in &items {
+        set.cmd("SET").arg(key).arg("done").arg("PX").arg(ms).ignore();
+    }
+    match commands.pipe::<()>(&set).await {
+        Ok(()) => items.iter().map(|_| Ok(())).collect(),
+        Err(e) => all_failed(&items, format!("{e:#}")),
+    }
+}
+
+/// The same error for every item of a batch.
+fn all_failed<I, R>(items: &[I], error: String) -> Vec<Result<R>> {
+    items.iter().map(|_| Err(anyhow!("{error}"))).collect()
+}
+
+impl RedisDedup {
+    fn claims(&self) -> &mpsc::UnboundedSender<Pending<(String, u64), Claim>> {
+        self.claims.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(batcher(Arc::downgrade(&self.commands), rx, claim_many));
+            tx
         })
     }
 
+    fn marks(&self) -> &mpsc::UnboundedSender<Pending<(String, u64), ()>> {
+        self.marks.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(batcher(Arc::downgrade(&self.commands), rx, mark_many));
+            tx
+        })
+    }
+}
+
+#[async_trait]
+impl DedupStore for RedisDedup {
+    async fn claim(&self, handler: &str, id: &str, lease: Duration) -> Result<Claim> {
+        let item = (dedup_key(handler, id), lease.as_millis().max(1) as u64);
+        batched(self.claims(), item).await
+    }
+
     async fn finish(&self, handler: &str, id: &str, ttl: Duration) -> Result<()> {
-        let _: () = self
-            .commands
-            .query(
-                redis::cmd("SET")
-                    .arg(dedup_key(handler, id))
-                    .arg("done")
-                    .arg("PX")
-                    .arg(ttl.as_millis().max(1) as u64),
-            )
-            .await?;
-        Ok(())
+        let item = (dedup_key(handler, id), ttl.as_millis().max(1) as u64);
+        batched(self.marks(), item).await
     }
 
     async fn abandon(&self, handler: &str, id: &str) -> Result<()> {
