@@ -296,9 +296,15 @@ pub async fn clean(t: &Target, urls: &Urls) -> Result<()> {
     match t.path {
         Path::RedisStream | Path::RedisList => {
             let mut conn = redis_conn(&urls.redis).await?;
-            // Ours, and BullMQ's (`bull:<queue>:*`).
+            // Ours, BullMQ's (`bull:<queue>:*`), and the dedup marks of the
+            // benchmark handler (ids are `<subject>-<n>`), which would
+            // otherwise stay for their TTL and grow Redis run after run.
             let mut keys: Vec<String> = Vec::new();
-            for pattern in [format!("{}*", t.subject), format!("bull:{}*", t.subject)] {
+            for pattern in [
+                format!("{}*", t.subject),
+                format!("bull:{}*", t.subject),
+                format!("wharf:dedup:bench:{}-*", t.subject),
+            ] {
                 let found: Vec<String> = redis::cmd("KEYS").arg(pattern).query_async(&mut conn).await?;
                 keys.extend(found);
             }
