@@ -1017,20 +1017,11 @@ async fn lrem_many(commands: Arc<Conn>, keys: Arc<ListKeys>, items: Vec<String>)
                 _ => Ok(()),
             })
             .collect(),
-        Ok(removed) => items
-            .iter()
-            .map(|_| {
-                Err(anyhow!(
-                    "ack script answered {} results for {} jobs",
-                    removed.len(),
-                    items.len()
-                ))
-            })
-            .collect(),
-        Err(e) => {
-            let e = format!("{e:#}");
-            items.iter().map(|_| Err(anyhow!("{e}"))).collect()
-        }
+        Ok(removed) => all_failed(
+            &items,
+            format!("ack script answered {} results for {} jobs", removed.len(), items.len()),
+        ),
+        Err(e) => all_failed(&items, format!("{e:#}")),
     }
 }
 
