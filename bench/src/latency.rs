@@ -69,8 +69,11 @@ async fn measure_run(
     urls: &Urls,
 ) -> Result<Latency> {
     let mut conn = paths::redis_conn(&urls.redis).await?;
-    // The output stream exists before anyone writes, so the reader can start at `$`.
-    let () = redis::cmd("XADD")
+    // The output stream exists before anyone writes, and the reader starts
+    // right after this first entry. (Not at `$`: that is resolved when the
+    // reader's first XREAD runs, and a forwarder can have written the first
+    // messages by then.)
+    let init: String = redis::cmd("XADD")
         .arg(out)
         .arg("*")
         .arg("init")
@@ -131,7 +134,7 @@ async fn measure_run(
         let (url, out) = (urls.redis.clone(), out.to_string());
         tokio::spawn(async move {
             let mut conn = paths::redis_conn(&url).await?;
-            let mut last = "$".to_string();
+            let mut last = init;
             let mut samples = Vec::new();
             let mut idle = 0;
             loop {
@@ -159,7 +162,8 @@ async fn measure_run(
                         if let Some(redis::Value::BulkString(body)) = e.map.get("payload") {
                             let v: serde_json::Value = serde_json::from_slice(body)?;
                             let sent = v["t"].as_u64().unwrap_or(now);
-                            samples.push((sent, now.saturating_sub(sent)));
+                            let index = v["i"].as_u64().unwrap_or(u64::MAX);
+                            samples.push((sent, now.saturating_sub(sent), index));
                         }
                         last = e.id;
                     }
@@ -201,16 +205,20 @@ async fn measure_run(
         w.stop().await?;
     }
     drop(child);
-    anyhow::ensure!(
-        samples.len() as u64 == sent,
-        "{} of {sent} messages came out the other side",
-        samples.len()
-    );
+    if samples.len() as u64 != sent {
+        let mut seen: Vec<u64> = samples.iter().map(|(_, _, i)| *i).collect();
+        seen.sort_unstable();
+        let missing: Vec<u64> = (0..sent).filter(|i| seen.binary_search(i).is_err()).take(10).collect();
+        bail!(
+            "{} of {sent} messages came out the other side (missing, first ten: {missing:?})",
+            samples.len()
+        );
+    }
     // The first fifth is warm-up (connections, caches, the JIT of the peers).
     let mut lat: Vec<u64> = samples
         .iter()
-        .filter(|(sent_at, _)| *sent_at >= first_counted)
-        .map(|(_, l)| *l)
+        .filter(|(sent_at, _, _)| *sent_at >= first_counted)
+        .map(|(_, l, _)| *l)
         .collect();
     lat.sort_unstable();
     anyhow::ensure!(!lat.is_empty(), "no messages after the warm-up");
