@@ -24,8 +24,8 @@
 //! host starts (not ready) while Redis is down and recovers when it is back.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -994,9 +994,22 @@ for i, item in ipairs(ARGV) do out[i] = redis.call('LREM', KEYS[1], 1, item) end
 return out
 "#;
 
-/// [`ACK_MANY`] and [`SETTLE`], hashed once.
-static ACK_MANY_SCRIPT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| Script::new(ACK_MANY));
-static SETTLE_SCRIPT: std::sync::LazyLock<Script> = std::sync::LazyLock::new(|| Script::new(SETTLE));
+/// Every script of this module, hashed once (a `Script` is its source and
+/// SHA1; the client sends `EVALSHA` and loads the source on `NOSCRIPT`).
+static ACK_MANY_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ACK_MANY));
+static SETTLE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SETTLE));
+static REAP_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REAP));
+static PROMOTE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(PROMOTE));
+static RETURN_ORPHAN_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(RETURN_ORPHAN));
+static DELAY_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(DELAY));
+static ABANDON_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(ABANDON));
+
+/// Add `ARGV[1]` to the delayed set `KEYS[1]`, due `ARGV[2]` ms from now by
+/// Redis' clock (like retries, so hosts' clocks do not matter).
+const DELAY: &str = "local t = redis.call('TIME') return redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2]), ARGV[1])";
+
+/// Release a dedup claim (`KEYS[1]`) after a failed attempt; never a mark.
+const ABANDON: &str = "if redis.call('GET', KEYS[1]) == 'claimed' then return redis.call('DEL', KEYS[1]) end return 0";
 
 /// Ack a batch of jobs: one script removes them all from the processing
 /// list. A job no longer there (returned by a reaper) was not acked.
@@ -1075,7 +1088,7 @@ impl ListSource {
         let n: i64 = self
             .commands
             .script(
-                Script::new(REAP)
+                REAP_SCRIPT
                     .key(&k.processing)
                     .key(&k.queue)
                     .key(&k.heartbeat)
@@ -1146,7 +1159,7 @@ async fn list_maintenance(keys: std::sync::Weak<ListKeys>, commands: Arc<Conn>) 
             }
         }
         if let Err(e) = commands
-            .script::<i64>(Script::new(PROMOTE).key(&k.delayed).key(&k.queue))
+            .script::<i64>(PROMOTE_SCRIPT.key(&k.delayed).key(&k.queue))
             .await
         {
             tracing::debug!(queue = %k.queue, error = %format!("{e:#}"), "promoting delayed jobs failed");
@@ -1169,7 +1182,7 @@ async fn list_maintenance(keys: std::sync::Weak<ListKeys>, commands: Arc<Conn>) 
                 let heartbeat = format!("{}:consumer:{other}", k.queue);
                 match commands
                     .script::<i64>(
-                        Script::new(REAP)
+                        REAP_SCRIPT
                             .key(&processing)
                             .key(&k.queue)
                             .key(&heartbeat)
@@ -1211,7 +1224,7 @@ async fn return_orphans(
             env.attempts += 1;
             let n: i64 = commands
                 .script(
-                    Script::new(RETURN_ORPHAN)
+                    RETURN_ORPHAN_SCRIPT
                         .key(&k.processing)
                         .key(&k.queue)
                         .arg(&item)
@@ -1568,12 +1581,10 @@ impl Sink for RedisSink {
             let _: i64 = self
                 .commands
                 .script(
-                    Script::new(
-                        "local t = redis.call('TIME') return redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[2]), ARGV[1])",
-                    )
-                    .key(format!("{}:delayed", m.subject))
-                    .arg(env.to_json())
-                    .arg(m.delay.as_millis() as u64),
+                    DELAY_SCRIPT
+                        .key(format!("{}:delayed", m.subject))
+                        .arg(env.to_json())
+                        .arg(m.delay.as_millis() as u64),
                 )
                 .await?;
         }
@@ -1694,12 +1705,7 @@ impl DedupStore for RedisDedup {
     async fn abandon(&self, handler: &str, id: &str) -> Result<()> {
         let _: i64 = self
             .commands
-            .script(
-                &Script::new(
-                    "if redis.call('GET', KEYS[1]) == 'claimed' then return redis.call('DEL', KEYS[1]) end return 0",
-                )
-                .key(dedup_key(handler, id)),
-            )
+            .script(&ABANDON_SCRIPT.key(dedup_key(handler, id)))
             .await?;
         Ok(())
     }
