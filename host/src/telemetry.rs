@@ -2,7 +2,7 @@
 
 use std::sync::OnceLock;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
 static PROMETHEUS: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -37,7 +37,7 @@ pub fn init_logging(format: LogFormat) {
 /// it): counts made before it exists are lost.
 pub fn prometheus() -> Option<PrometheusHandle> {
     PROMETHEUS
-        .get_or_init(|| match PrometheusBuilder::new().install_recorder() {
+        .get_or_init(|| match prometheus_builder().install_recorder() {
             Ok(handle) => Some(handle),
             Err(e) => {
                 tracing::warn!(error = %e, "metrics disabled: could not install the recorder");
@@ -45,4 +45,59 @@ pub fn prometheus() -> Option<PrometheusHandle> {
             }
         })
         .clone()
+}
+
+/// `wharf_attempt_seconds` bucket bounds: 50 µs (a reused instance) to 30 s
+/// (a long handler budget).
+const ATTEMPT_SECONDS_BUCKETS: [f64; 18] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+    10.0, 30.0,
+];
+
+/// `wharf_amqp_acks_per_frame` bucket bounds: powers of two up to a full
+/// prefetch window.
+const ACKS_PER_FRAME_BUCKETS: [f64; 12] = [
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 4096.0,
+];
+
+/// The recorder's settings: wharf's histograms are exported as Prometheus
+/// histograms (`_bucket{le=...}`), which add up across hosts, rather than
+/// the exporter's default summaries, which are per process.
+fn prometheus_builder() -> PrometheusBuilder {
+    let builder = PrometheusBuilder::new();
+    let buckets = [
+        ("wharf_attempt_seconds", &ATTEMPT_SECONDS_BUCKETS[..]),
+        ("wharf_amqp_acks_per_frame", &ACKS_PER_FRAME_BUCKETS[..]),
+    ];
+    buckets.into_iter().fold(builder, |b, (name, bounds)| {
+        // Fails only for an empty list of bounds, which these are not.
+        b.set_buckets_for_metric(Matcher::Full(name.into()), bounds)
+            .expect("non-empty bucket bounds")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histograms_are_exported_with_buckets() {
+        let recorder = prometheus_builder().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::histogram!("wharf_attempt_seconds", "handler" => "h").record(0.003);
+            metrics::histogram!("wharf_amqp_acks_per_frame").record(20.0);
+        });
+        let text = handle.render();
+        for line in [
+            "wharf_attempt_seconds_bucket{handler=\"h\",le=\"0.0025\"} 0",
+            "wharf_attempt_seconds_bucket{handler=\"h\",le=\"0.005\"} 1",
+            "wharf_attempt_seconds_count{handler=\"h\"} 1",
+            "wharf_amqp_acks_per_frame_bucket{le=\"16\"} 0",
+            "wharf_amqp_acks_per_frame_bucket{le=\"32\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line:?} not in:\n{text}");
+        }
+        assert!(!text.contains("quantile="), "{text}");
+    }
 }
