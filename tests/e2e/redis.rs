@@ -698,3 +698,55 @@ async fn redis_example_pipeline_runs_end_to_end() -> Result {
     assert_eq!(db.counter("shop", "reserved:pear"), 6);
     Ok(())
 }
+
+/// The Redis dedup store keeps the same contract as the local one
+/// (`delivery::dedup`'s unit test), through its batched claims and marks:
+/// one claim wins among concurrent copies, `abandon` releases a claim but
+/// never a mark, and a claim expires with its lease.
+#[tokio::test]
+async fn redis_dedup_store_claims_marks_and_abandons() -> Result {
+    use wharf::delivery::Claim;
+    let url = url();
+    let Some(mut c) = connect(&url).await else {
+        return Ok(());
+    };
+    let broker = wharf::broker::redis::RedisBroker::new(&url, "dedup-test".into())?;
+    let store = broker.dedup();
+    let h = prefix();
+    let lease = Duration::from_secs(60);
+
+    // Eight copies of one id at once (one batch, or a few): exactly one wins.
+    let copies = futures_util::future::join_all((0..8).map(|_| store.claim(&h, "a", lease))).await;
+    let won = copies.iter().filter(|c| matches!(c, Ok(Claim::Acquired))).count();
+    assert_eq!(won, 1, "{copies:?}");
+    assert!(
+        copies.iter().all(|c| matches!(c, Ok(Claim::Acquired | Claim::Busy))),
+        "{copies:?}"
+    );
+    assert_eq!(store.claim("other", "a", lease).await?, Claim::Acquired);
+    let _: () = c.del("wharf:dedup:other:a").await?;
+
+    store.abandon(&h, "a").await?;
+    let key = format!("wharf:dedup:{h}:a");
+    let gone: Option<String> = c.get(&key).await?;
+    assert_eq!(gone, None, "abandon releases the claim");
+    assert_eq!(store.claim(&h, "a", lease).await?, Claim::Acquired);
+    store.finish(&h, "a", Duration::from_secs(60)).await?;
+    assert_eq!(store.claim(&h, "a", lease).await?, Claim::Done);
+    store.abandon(&h, "a").await?;
+    assert_eq!(
+        store.claim(&h, "a", lease).await?,
+        Claim::Done,
+        "abandon never undoes done"
+    );
+    let ttl: i64 = c.pttl(&key).await?;
+    assert!(ttl > 0 && ttl <= 60_000, "the mark expires with its ttl: {ttl} ms");
+
+    // A crashed attempt's claim expires with its lease.
+    assert_eq!(store.claim(&h, "b", Duration::from_millis(50)).await?, Claim::Acquired);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(store.claim(&h, "b", lease).await?, Claim::Acquired);
+
+    let _: () = c.del(&[key, format!("wharf:dedup:{h}:b")]).await?;
+    Ok(())
+}
