@@ -750,3 +750,43 @@ async fn redis_dedup_store_claims_marks_and_abandons() -> Result {
     let _: () = c.del(&[key, format!("wharf:dedup:{h}:b")]).await?;
     Ok(())
 }
+
+/// A delayed publish to a Redis list goes to its delayed set, due by Redis'
+/// clock, and the rest of the batch to the list at once.
+#[tokio::test]
+async fn redis_list_sink_delays_by_redis_clock() -> Result {
+    use wharf::broker::OutboundMessage;
+    use wharf::broker::redis::{RedisBroker, RedisKind};
+    let url = url();
+    let Some(mut c) = connect(&url).await else {
+        return Ok(());
+    };
+    let list = format!("{}.delayed-sink", prefix());
+    let message = |id: &str, delay_ms: u64| OutboundMessage {
+        id: Some(id.into()),
+        subject: list.clone(),
+        payload: bytes::Bytes::from_static(b"{}"),
+        headers: vec![],
+        content_type: None,
+        reply_to: None,
+        delay: Duration::from_millis(delay_ms),
+    };
+    let sink = RedisBroker::new(&url, "delay-test".into())?.sink(RedisKind::List, None);
+    let (secs, micros): (String, String) = redis::cmd("TIME").query_async(&mut c).await?;
+    let before = secs.parse::<u64>()? * 1000 + micros.parse::<u64>()? / 1000;
+    sink.publish(vec![message("now", 0), message("later", 1500)]).await?;
+
+    let queued: Vec<String> = c.lrange(&list, 0, -1).await?;
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert!(queued[0].contains("\"now\""), "{queued:?}");
+    let delayed: Vec<(String, u64)> = c.zrange_withscores(format!("{list}:delayed"), 0, -1).await?;
+    assert_eq!(delayed.len(), 1, "{delayed:?}");
+    assert!(delayed[0].0.contains("\"later\""), "{delayed:?}");
+    let due = delayed[0].1;
+    assert!(
+        (before + 1500..before + 2500).contains(&due),
+        "due at {due}, published at {before} with a 1500 ms delay"
+    );
+    let _: () = c.del(&[list.clone(), format!("{list}:delayed")]).await?;
+    Ok(())
+}
