@@ -805,3 +805,48 @@ async fn rate_limit_caps_messages_per_period() -> Result {
     assert_eq!(host.terminate()?, 0);
     Ok(())
 }
+
+#[tokio::test]
+async fn tenant_concurrency_caps_its_handlers_together() -> Result {
+    // Two handlers of tenant `acme` (cap 2) may each run 4 at once, as may a
+    // handler of the default tenant; every attempt counts itself in its
+    // tenant's key-value store while it sleeps.
+    let track = "concurrency = 4\nconfig = { sleep_ms = \"150\", track_in_flight = \"1\" }\n";
+    let acme = format!("tenant = \"acme\"\n{track}");
+    let setup = Setup::new(&format!(
+        "[tenants.acme]\nmax_concurrency = 2\n\n{}{}{}",
+        handler("a", "slow", "acme.a", &acme),
+        handler("b", "slow", "acme.b", &acme),
+        handler("free", "slow", "free", track),
+    ))?;
+    let host = setup.start().await?;
+    for i in 0..6 {
+        host.publish("acme.a", "{}", Some(&format!("a{i}"))).await?;
+        host.publish("acme.b", "{}", Some(&format!("b{i}"))).await?;
+    }
+    for i in 0..8 {
+        host.publish("free", "{}", Some(&format!("f{i}"))).await?;
+    }
+    host.wait_drained(LONG).await?;
+    for (handler, n) in [("a", 6), ("b", 6), ("free", 8)] {
+        assert_eq!(host.outcome_count(handler, "acked").await?, n, "{handler}");
+    }
+    assert_eq!(host.terminate()?, 0);
+
+    let offline = setup.open()?;
+    let peak = |tenant: &str| {
+        (1..=8)
+            .filter(|n| offline.counter(tenant, &format!("in-flight-seen:{n}")) > 0)
+            .max()
+            .unwrap_or(0)
+    };
+    // Twelve 150 ms messages reach the cap; nothing ever runs past it.
+    assert_eq!(peak("acme"), 2, "acme's handlers ran that many at once");
+    // The default tenant's handler is not held to acme's budget.
+    assert!(
+        peak("default") > 2,
+        "the default tenant ran {} at once",
+        peak("default")
+    );
+    Ok(())
+}
