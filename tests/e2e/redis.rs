@@ -236,8 +236,7 @@ async fn redis_list_success_retry_dead_letter_dedup_delayed() -> Result {
     let _: () = c.lpush(format!("{p}.b"), job("f1", "{}")).await?;
     let _: () = c.lpush(format!("{p}.c"), job("bad", r#"{"valid": false}"#)).await?;
     // A delayed job: due 1.5 s from now by Redis' clock.
-    let (secs, micros): (String, String) = redis::cmd("TIME").query_async(&mut c).await?;
-    let due = secs.parse::<u64>()? * 1000 + micros.parse::<u64>()? / 1000 + 1500;
+    let due = redis_now_ms(&mut c).await? + 1500;
     let later = format!("{p}-later");
     let _: () = c.zadd(format!("{a}:delayed"), job(&later, "{}"), due).await?;
     let scheduled = Instant::now();
@@ -772,8 +771,7 @@ async fn redis_list_sink_delays_by_redis_clock() -> Result {
         delay: Duration::from_millis(delay_ms),
     };
     let sink = RedisBroker::new(&url, "delay-test".into())?.sink(RedisKind::List, None);
-    let (secs, micros): (String, String) = redis::cmd("TIME").query_async(&mut c).await?;
-    let before = secs.parse::<u64>()? * 1000 + micros.parse::<u64>()? / 1000;
+    let before = redis_now_ms(&mut c).await?;
     sink.publish(vec![message("now", 0), message("later", 1500)]).await?;
 
     let queued: Vec<String> = c.lrange(&list, 0, -1).await?;
@@ -789,4 +787,10 @@ async fn redis_list_sink_delays_by_redis_clock() -> Result {
     );
     let _: () = c.del(&[list.clone(), format!("{list}:delayed")]).await?;
     Ok(())
+}
+
+/// Redis' clock, in ms since the epoch: what list delays are due by.
+async fn redis_now_ms(c: &mut redis::aio::MultiplexedConnection) -> Result<u64> {
+    let (secs, micros): (String, String) = redis::cmd("TIME").query_async(c).await?;
+    Ok(secs.parse::<u64>()? * 1000 + micros.parse::<u64>()? / 1000)
 }
