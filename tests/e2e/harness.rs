@@ -143,6 +143,29 @@ pub struct Host {
 
 impl Host {
     pub async fn start(manifest: &Path, data_dir: &Path) -> Result<Self> {
+        let mut host = Self::launch(manifest, data_dir).await?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = host.child.try_wait()? {
+                anyhow::bail!("host exited early ({status}):\n{}", host.logs());
+            }
+            if host.ready().await.unwrap_or(false) {
+                return Ok(host);
+            }
+            anyhow::ensure!(Instant::now() < deadline, "host not ready in time:\n{}", host.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether `/readyz` says ready.
+    pub async fn ready(&self) -> Result<bool> {
+        let r = self.client.get(format!("{}/readyz", self.url)).send().await?;
+        Ok(r.status().is_success())
+    }
+
+    /// Start a host and return once its HTTP server answers, ready or not
+    /// (a broker it needs may still be down).
+    pub async fn launch(manifest: &Path, data_dir: &Path) -> Result<Self> {
         let _ = std::fs::remove_file(data_dir.join(wharf::app::HTTP_ADDR_FILE));
         std::fs::create_dir_all(data_dir)?;
         let log = data_dir.join(format!(
@@ -173,13 +196,11 @@ impl Host {
             }
             if let Ok(addr) = std::fs::read_to_string(&addr_file) {
                 host.url = format!("http://{}", addr.trim());
-                if let Ok(r) = host.client.get(format!("{}/readyz", host.url)).send().await
-                    && r.status().is_success()
-                {
+                if host.client.get(format!("{}/healthz", host.url)).send().await.is_ok() {
                     return Ok(host);
                 }
             }
-            anyhow::ensure!(Instant::now() < deadline, "host not ready in time:\n{}", host.logs());
+            anyhow::ensure!(Instant::now() < deadline, "host not up in time:\n{}", host.logs());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }

@@ -794,3 +794,48 @@ async fn redis_now_ms(c: &mut redis::aio::MultiplexedConnection) -> Result<u64> 
     let (secs, micros): (String, String) = redis::cmd("TIME").query_async(c).await?;
     Ok(secs.parse::<u64>()? * 1000 + micros.parse::<u64>()? / 1000)
 }
+
+#[tokio::test]
+async fn redis_down_at_start_the_host_waits_then_works() -> Result {
+    const MESSAGES: usize = 100;
+    if !have_binary("redis-server") {
+        return Ok(());
+    }
+    let port = free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let manifest = format!(
+        "{}{}{}",
+        broker(&url),
+        handler("list", "slow", "jobs", "config = { sleep_ms = \"1\" }\n")
+            .replace("source = {", "source = { broker = \"r\", kind = \"list\","),
+        handler("stream", "slow", "events", "config = { sleep_ms = \"1\" }\n")
+            .replace("source = {", "source = { broker = \"r\","),
+    );
+    let setup = Setup::new(&manifest)?;
+    // Nothing listens on the port yet: the host comes up, serves, and says
+    // it is not ready, for as long as Redis is away.
+    let host = Host::launch(&setup.manifest, &setup.data_dir()).await?;
+    for _ in 0..10 {
+        assert!(!host.ready().await?, "ready with its Redis down");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let server = PrivateRedis::start(tempfile::tempdir()?, port)?;
+    let mut c = wait_connect(&server.url()).await;
+    preload(&mut c, "jobs", true, "", MESSAGES).await?;
+    preload(&mut c, "events", false, "", MESSAGES).await?;
+    host.wait_for("ready once Redis is up", LONG, || host.ready()).await?;
+    host.wait_for("both backlogs to drain", LONG, || {
+        let mut c = c.clone();
+        async move { Ok(list_backlog(&mut c, "jobs").await? == 0 && group_backlog(&mut c, "events").await == 0) }
+    })
+    .await?;
+    assert_eq!(host.outcome_count("list", "acked").await?, MESSAGES as u64);
+    assert_eq!(host.outcome_count("stream", "acked").await?, MESSAGES as u64);
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    for i in 0..MESSAGES {
+        // Both handlers count into the same key: each message once per handler.
+        assert_eq!(db.counter("default", &format!("runs:m{i}")), 2, "message m{i}");
+    }
+    Ok(())
+}
