@@ -509,6 +509,27 @@ async fn two_hosts_share_a_consumer_group_without_handling_twice() -> Result {
     Ok(())
 }
 
+/// A manifest with two `slow` handlers on the Redis at `url`: `list` on the
+/// list `jobs` and `stream` on the stream `events`, both with `extra`, both
+/// counting into the same `runs:<id>` keys.
+fn list_and_stream(url: &str, extra: &str) -> String {
+    format!(
+        "{}{}{}",
+        broker(url),
+        handler("list", "slow", "jobs", extra).replace("source = {", "source = { broker = \"r\", kind = \"list\","),
+        handler("stream", "slow", "events", extra).replace("source = {", "source = { broker = \"r\","),
+    )
+}
+
+/// Wait until [`list_and_stream`]'s list and stream hold nothing unfinished.
+async fn wait_both_drained(host: &Host, c: &redis::aio::MultiplexedConnection) -> Result {
+    host.wait_for("both backlogs to drain", LONG, || {
+        let mut c = c.clone();
+        async move { Ok(list_backlog(&mut c, "jobs").await? == 0 && group_backlog(&mut c, "events").await == 0) }
+    })
+    .await
+}
+
 /// A private redis-server with an append-only file, so that it can be killed
 /// and restarted with its data.
 struct PrivateRedis {
@@ -580,23 +601,9 @@ async fn redis_restart_mid_load_the_host_recovers() -> Result {
     let server = PrivateRedis::start(tempfile::tempdir()?, port)?;
     let url = server.url();
     let mut c = wait_connect(&url).await;
-    let manifest = format!(
-        "{}{}{}",
-        broker(&url),
-        handler(
-            "list",
-            "slow",
-            "jobs",
-            "concurrency = 8\nconfig = { sleep_ms = \"5\" }\n[handlers.list.dedup]\nttl_secs = 3600\n"
-        )
-        .replace("source = {", "source = { broker = \"r\", kind = \"list\","),
-        handler(
-            "stream",
-            "slow",
-            "events",
-            "concurrency = 8\nconfig = { sleep_ms = \"5\" }\n[handlers.stream.dedup]\nttl_secs = 3600\n"
-        )
-        .replace("source = {", "source = { broker = \"r\","),
+    let manifest = list_and_stream(
+        &url,
+        "concurrency = 8\nconfig = { sleep_ms = \"5\" }\ndedup = { ttl_secs = 3600 }\n",
     );
     let setup = Setup::new(&manifest)?;
     let host = setup.start().await?;
@@ -631,11 +638,7 @@ async fn redis_restart_mid_load_the_host_recovers() -> Result {
             .is_success())
     })
     .await?;
-    host.wait_for("both backlogs to drain", LONG, || {
-        let mut c = c.clone();
-        async move { Ok(list_backlog(&mut c, "jobs").await? == 0 && group_backlog(&mut c, "events").await == 0) }
-    })
-    .await?;
+    wait_both_drained(&host, &c).await?;
     let dead: usize = c.llen("jobs:dead").await?;
     assert_eq!(dead, 0);
     assert_eq!(host.terminate()?, 0);
@@ -803,14 +806,7 @@ async fn redis_down_at_start_the_host_waits_then_works() -> Result {
     }
     let port = free_port();
     let url = format!("redis://127.0.0.1:{port}");
-    let manifest = format!(
-        "{}{}{}",
-        broker(&url),
-        handler("list", "slow", "jobs", "config = { sleep_ms = \"1\" }\n")
-            .replace("source = {", "source = { broker = \"r\", kind = \"list\","),
-        handler("stream", "slow", "events", "config = { sleep_ms = \"1\" }\n")
-            .replace("source = {", "source = { broker = \"r\","),
-    );
+    let manifest = list_and_stream(&url, "config = { sleep_ms = \"1\" }\n");
     let setup = Setup::new(&manifest)?;
     // Nothing listens on the port yet: the host comes up, serves, and says
     // it is not ready, for as long as Redis is away.
@@ -824,11 +820,7 @@ async fn redis_down_at_start_the_host_waits_then_works() -> Result {
     preload(&mut c, "jobs", true, "", MESSAGES).await?;
     preload(&mut c, "events", false, "", MESSAGES).await?;
     host.wait_for("ready once Redis is up", LONG, || host.ready()).await?;
-    host.wait_for("both backlogs to drain", LONG, || {
-        let mut c = c.clone();
-        async move { Ok(list_backlog(&mut c, "jobs").await? == 0 && group_backlog(&mut c, "events").await == 0) }
-    })
-    .await?;
+    wait_both_drained(&host, &c).await?;
     assert_eq!(host.outcome_count("list", "acked").await?, MESSAGES as u64);
     assert_eq!(host.outcome_count("stream", "acked").await?, MESSAGES as u64);
     assert_eq!(host.terminate()?, 0);
