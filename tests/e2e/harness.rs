@@ -316,10 +316,20 @@ impl Host {
 
     /// SIGTERM, then wait for exit; returns the exit code.
     pub fn terminate(mut self) -> Result<i32> {
-        // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.sigterm();
         let status = self.child.wait()?;
         Ok(status.code().unwrap_or(-1))
+    }
+
+    /// Send SIGTERM and return at once.
+    pub fn sigterm(&self) {
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+
+    /// The exit code, if the host has exited.
+    pub fn exited(&mut self) -> Result<Option<i32>> {
+        Ok(self.child.try_wait()?.map(|s| s.code().unwrap_or(-1)))
     }
 
     /// SIGKILL, then reap.

@@ -421,6 +421,64 @@ async fn graceful_shutdown_releases_in_flight_without_counting_the_attempt() -> 
 }
 
 #[tokio::test]
+async fn second_signal_exits_at_once_and_leases_bring_the_messages_back() -> Result {
+    // A long grace: the first SIGTERM alone would wait for the 4 s handlers.
+    let setup = Setup::new(&handler(
+        "slow",
+        "slow",
+        "jobs",
+        "concurrency = 4\ntimeout_ms = 5000\nconfig = { sleep_ms = \"4000\" }\n",
+    ))?;
+    let text =
+        std::fs::read_to_string(&setup.manifest)?.replace("shutdown_grace_ms = 5000", "shutdown_grace_ms = 30000");
+    std::fs::write(&setup.manifest, text)?;
+    let mut host = setup.start().await?;
+    for i in 0..4 {
+        host.publish("jobs", "{}", Some(&format!("s{i}"))).await?;
+    }
+    host.wait_for("four in flight", LONG, || async {
+        Ok(host.stats().await?.iter().any(|s| s.name == "jobs" && s.pending == 4))
+    })
+    .await?;
+    let started = std::time::Instant::now();
+    host.sigterm();
+    host.wait_for("the first signal to be taken", LONG, || async {
+        Ok(host.logs().contains("signal received: stopping"))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(host.exited()?, None, "the first signal waits for the handlers");
+    host.sigterm();
+    let code = loop {
+        if let Some(code) = host.exited()? {
+            break code;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "the second signal did not stop the host"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(code, 130, "{}", host.logs());
+
+    // Nothing was acked or released: all four are leased, and come back when
+    // their leases (2 × timeout + 5 s) run out.
+    let db = setup.open()?;
+    let source = db.broker.source("jobs");
+    let mut back = Vec::new();
+    let deadline = std::time::Instant::now() + LONG;
+    while back.len() < 4 && std::time::Instant::now() < deadline {
+        back.extend(source.receive(10, Duration::from_secs(60)).await?);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut ids: Vec<_> = back.iter().map(|d| d.id.clone()).collect();
+    ids.sort();
+    assert_eq!(ids, ["s0", "s1", "s2", "s3"]);
+    assert!(back.iter().all(|d| d.redelivered), "{back:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn quickstart_pipeline_runs_end_to_end() -> Result {
     let setup = example("quickstart", "127.0.0.1:8480", &[])?;
     let host = setup.start().await?;
