@@ -389,15 +389,17 @@ async fn sigkill_mid_load_then_restart_loses_nothing() -> Result {
     Ok(())
 }
 
-#[tokio::test]
-async fn graceful_shutdown_releases_in_flight_without_counting_the_attempt() -> Result {
+/// A host whose `slow` handler (4 s per message, 5 s timeout, 4 at once) has
+/// four messages, `s0`..`s3`, in flight; `shutdown_grace_ms = grace_ms`.
+async fn four_slow_in_flight(grace_ms: u64) -> Result<(Setup, Host)> {
     let setup = Setup::new(&handler(
         "slow",
         "slow",
         "jobs",
-        "concurrency = 4\nconfig = { sleep_ms = \"4000\" }\n",
+        "concurrency = 4\ntimeout_ms = 5000\nconfig = { sleep_ms = \"4000\" }\n",
     ))?;
-    let text = std::fs::read_to_string(&setup.manifest)?.replace("shutdown_grace_ms = 5000", "shutdown_grace_ms = 300");
+    let text = std::fs::read_to_string(&setup.manifest)?
+        .replace("shutdown_grace_ms = 5000", &format!("shutdown_grace_ms = {grace_ms}"));
     std::fs::write(&setup.manifest, text)?;
     let host = setup.start().await?;
     for i in 0..4 {
@@ -407,6 +409,12 @@ async fn graceful_shutdown_releases_in_flight_without_counting_the_attempt() -> 
         Ok(host.stats().await?.iter().any(|s| s.name == "jobs" && s.pending == 4))
     })
     .await?;
+    Ok((setup, host))
+}
+
+#[tokio::test]
+async fn graceful_shutdown_releases_in_flight_without_counting_the_attempt() -> Result {
+    let (setup, host) = four_slow_in_flight(300).await?;
     let started = std::time::Instant::now();
     assert_eq!(host.terminate()?, 0, "graceful shutdown exits 0");
     assert!(
@@ -423,23 +431,7 @@ async fn graceful_shutdown_releases_in_flight_without_counting_the_attempt() -> 
 #[tokio::test]
 async fn second_signal_exits_at_once_and_leases_bring_the_messages_back() -> Result {
     // A long grace: the first SIGTERM alone would wait for the 4 s handlers.
-    let setup = Setup::new(&handler(
-        "slow",
-        "slow",
-        "jobs",
-        "concurrency = 4\ntimeout_ms = 5000\nconfig = { sleep_ms = \"4000\" }\n",
-    ))?;
-    let text =
-        std::fs::read_to_string(&setup.manifest)?.replace("shutdown_grace_ms = 5000", "shutdown_grace_ms = 30000");
-    std::fs::write(&setup.manifest, text)?;
-    let mut host = setup.start().await?;
-    for i in 0..4 {
-        host.publish("jobs", "{}", Some(&format!("s{i}"))).await?;
-    }
-    host.wait_for("four in flight", LONG, || async {
-        Ok(host.stats().await?.iter().any(|s| s.name == "jobs" && s.pending == 4))
-    })
-    .await?;
+    let (setup, mut host) = four_slow_in_flight(30_000).await?;
     let started = std::time::Instant::now();
     host.sigterm();
     host.wait_for("the first signal to be taken", LONG, || async {
