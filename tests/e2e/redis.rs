@@ -284,7 +284,7 @@ async fn redis_list_success_retry_dead_letter_dedup_delayed() -> Result {
 }
 
 #[tokio::test]
-async fn redis_pubsub_success_retry_dead_letter_and_check_warns() -> Result {
+async fn redis_pubsub_success_retry_dead_letter_pattern_and_check_warns() -> Result {
     let url = url();
     let Some(mut c) = connect(&url).await else {
         return Ok(());
@@ -293,9 +293,17 @@ async fn redis_pubsub_success_retry_dead_letter_and_check_warns() -> Result {
     let chan = |name: &str, program: &str, subject: &str, extra: &str| {
         handler(name, program, subject, extra).replace("source = {", "source = { broker = \"r\", kind = \"channel\",")
     };
+    let pattern = handler(
+        "any",
+        "ok",
+        &format!("{p}.d.*"),
+        "config = { count_subjects = \"1\" }\n",
+    )
+    .replace("source = {", "source = { broker = \"r\", kind = \"pattern\",");
     let manifest = format!(
-        "{}{}{}{}",
+        "{}{}{}{}{}",
         broker(&url),
+        pattern,
         chan("count", "ok", &format!("{p}.a"), ""),
         chan(
             "flaky",
@@ -324,17 +332,22 @@ async fn redis_pubsub_success_retry_dead_letter_and_check_warns() -> Result {
                 .arg(format!("{p}.c"))
                 .query_async(&mut c)
                 .await?;
-            Ok(counts.iter().all(|(_, n)| *n >= 1))
+            let patterns: u64 = redis::cmd("PUBSUB").arg("NUMPAT").query_async(&mut c).await?;
+            Ok(counts.iter().all(|(_, n)| *n >= 1) && patterns >= 1)
         }
     })
     .await?;
+    for channel in ["x", "x", "y"] {
+        let _: () = c.publish(format!("{p}.d.{channel}"), "{}").await?;
+    }
     let _: () = c.publish(format!("{p}.a"), "{}").await?;
     let _: () = c.publish(format!("{p}.b"), "{}").await?;
     let _: () = c.publish(format!("{p}.c"), r#"{"valid": false}"#).await?;
     host.wait_for("all three handled", LONG, || async {
         Ok(host.outcome_count("count", "acked").await? == 1
             && host.outcome_count("flaky", "acked").await? == 1
-            && host.outcome_count("validate", "dead_lettered").await? == 1)
+            && host.outcome_count("validate", "dead_lettered").await? == 1
+            && host.outcome_count("any", "acked").await? == 3)
     })
     .await?;
     assert_eq!(host.outcome_count("flaky", "retried").await?, 2);
@@ -342,6 +355,10 @@ async fn redis_pubsub_success_retry_dead_letter_and_check_warns() -> Result {
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["payload"], r#"{"valid": false}"#);
     assert_eq!(host.terminate()?, 0);
+    // A pattern source's messages carry the channel they were published on.
+    let db = setup.open()?;
+    assert_eq!(db.counter("default", &format!("on:{p}.d.x")), 2);
+    assert_eq!(db.counter("default", &format!("on:{p}.d.y")), 1);
     Ok(())
 }
 

@@ -1402,6 +1402,17 @@ impl PubSubSource {
     }
 }
 
+/// The pub/sub header [`subscriber`] records the message's channel in.
+const CHANNEL_HEADER: &str = "channel";
+
+/// The channel a pub/sub message was published on.
+fn arrived_on(env: &Envelope) -> Option<&str> {
+    env.headers
+        .iter()
+        .find(|(k, _)| k == CHANNEL_HEADER)
+        .map(|(_, v)| v.as_str())
+}
+
 /// Keep a subscription alive, forwarding messages, until the source is gone.
 async fn subscriber(
     client: redis::Client,
@@ -1432,7 +1443,7 @@ async fn subscriber(
                     let env = Envelope {
                         id: format!("{:032x}", rand::random::<u128>()),
                         payload: msg.get_payload_bytes().to_vec(),
-                        headers: vec![("channel".into(), msg.get_channel_name().to_string())],
+                        headers: vec![(CHANNEL_HEADER.into(), msg.get_channel_name().to_string())],
                         content_type: None,
                         reply_to: None,
                         attempts: 0,
@@ -1477,7 +1488,10 @@ impl Source for PubSubSource {
                 attempt,
                 requeue: queue.tx.clone(),
             });
-            out.push(env.into_delivery(&self.channel, attempt, acker));
+            // The channel it was published on: for a pattern source, the
+            // one the pattern matched, not the pattern.
+            let subject = arrived_on(&env).unwrap_or(&self.channel).to_string();
+            out.push(env.into_delivery(&subject, attempt, acker));
         }
         Ok(out)
     }

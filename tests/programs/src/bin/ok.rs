@@ -1,6 +1,7 @@
 //! Succeeds. Counts its runs per message id in the key-value store
 //! (`runs:<id>`) and, when `config.forward_to` is set, publishes the payload
-//! there.
+//! there. With `config.count_subjects` set it also counts its runs per
+//! subject (`on:<subject>`).
 use wharf_sdk::{Handler, HandlerError, Message, config, export_handler, kv, publish};
 
 struct Succeed;
@@ -8,6 +9,9 @@ struct Succeed;
 impl Handler for Succeed {
     fn handle(msg: Message) -> Result<(), HandlerError> {
         kv::increment(&format!("runs:{}", msg.id), 1)?;
+        if config("count_subjects").is_some() {
+            kv::increment(&format!("on:{}", msg.subject), 1)?;
+        }
         if let Some(to) = config("forward_to") {
             publish(&to, &msg.payload, &[])?;
         }
