@@ -143,7 +143,12 @@ pub struct Host {
 
 impl Host {
     pub async fn start(manifest: &Path, data_dir: &Path) -> Result<Self> {
-        let mut host = Self::launch(manifest, data_dir).await?;
+        Self::start_with_env(manifest, data_dir, &[]).await
+    }
+
+    /// [`Host::start`] with more environment variables for the host.
+    pub async fn start_with_env(manifest: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
+        let mut host = Self::launch_with_env(manifest, data_dir, env).await?;
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(status) = host.child.try_wait()? {
@@ -166,6 +171,10 @@ impl Host {
     /// Start a host and return once its HTTP server answers, ready or not
     /// (a broker it needs may still be down).
     pub async fn launch(manifest: &Path, data_dir: &Path) -> Result<Self> {
+        Self::launch_with_env(manifest, data_dir, &[]).await
+    }
+
+    async fn launch_with_env(manifest: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Result<Self> {
         let _ = std::fs::remove_file(data_dir.join(wharf::app::HTTP_ADDR_FILE));
         std::fs::create_dir_all(data_dir)?;
         let log = data_dir.join(format!(
@@ -178,6 +187,7 @@ impl Host {
             .arg("run")
             .arg(manifest)
             .env("RUST_LOG", "info,wharf=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log)?)

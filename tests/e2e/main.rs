@@ -106,6 +106,34 @@ async fn retries_exhausted_dead_letter_with_the_last_reason() -> Result {
     Ok(())
 }
 
+/// `--log-format json` (here through `WHARF_LOG_FORMAT`): every line the host
+/// writes is one JSON object, and a failed message's line carries the
+/// handler, the message id and the reason as fields of their own.
+#[tokio::test]
+async fn json_logs_name_the_handler_message_and_reason() -> Result {
+    let setup = Setup::new(&handler("validate", "reject", "input", ""))?;
+    let host = Host::start_with_env(&setup.manifest, &setup.data_dir(), &[("WHARF_LOG_FORMAT", "json")]).await?;
+    host.publish("input", r#"{"valid": false}"#, Some("bad")).await?;
+    host.wait_drained(LONG).await?;
+    let logs = host.logs();
+    assert_eq!(host.terminate()?, 0);
+    let lines: Vec<serde_json::Value> = logs
+        .lines()
+        .map(|l| serde_json::from_str(l).map_err(|e| anyhow::anyhow!("not a JSON line ({e}): {l}")))
+        .collect::<Result<_>>()?;
+    assert!(lines.len() > 3, "{logs}");
+    let dead = lines
+        .iter()
+        .find(|l| l["message"] == "message dead-lettered")
+        .ok_or_else(|| anyhow::anyhow!("no dead-letter line in:\n{logs}"))?;
+    assert_eq!(dead["level"], "ERROR");
+    assert_eq!(dead["handler"], "validate");
+    assert_eq!(dead["message_id"], "bad");
+    assert_eq!(dead["reason"], "rejected");
+    assert_eq!(dead["error"], "input is marked invalid");
+    Ok(())
+}
+
 #[tokio::test]
 async fn reject_dead_letters_at_once_and_replay_returns_it() -> Result {
     let setup = Setup::new(&handler("validate", "reject", "input", ""))?;
