@@ -848,3 +848,64 @@ async fn redis_down_at_start_the_host_waits_then_works() -> Result {
     }
     Ok(())
 }
+
+/// A shutdown that comes while a `BLMOVE` is waiting: the job it then moves
+/// into the processing list goes straight back to the queue, unrun, instead
+/// of waiting there for the reaper. (A slow handler keeps the host alive
+/// through its grace period, so the read is still outstanding at Redis when
+/// the job arrives.)
+#[tokio::test]
+async fn redis_list_job_taken_during_shutdown_goes_back_at_once() -> Result {
+    let url = url();
+    let Some(mut c) = connect(&url).await else {
+        return Ok(());
+    };
+    let p = prefix();
+    let list = |name: &str, program: &str, subject: &str, extra: &str| {
+        handler(name, program, subject, extra).replace("source = {", "source = { broker = \"r\", kind = \"list\",")
+    };
+    let manifest = format!(
+        "{}{}{}",
+        broker(&url),
+        list(
+            "hold",
+            "slow",
+            &format!("{p}.hold"),
+            "config = { sleep_ms = \"3000\" }\n"
+        ),
+        list("idle", "ok", &format!("{p}.jobs"), ""),
+    );
+    let setup = Setup::new(&manifest)?;
+    let mut host = setup.start().await?;
+    let _: () = c.lpush(format!("{p}.hold"), job("h1", "{}")).await?;
+    host.wait_for("the slow job in flight", LONG, || {
+        let mut c = c.clone();
+        let queue = format!("{p}.hold");
+        async move {
+            let waiting: u64 = c.llen(&queue).await?;
+            Ok(waiting == 0 && list_backlog(&mut c, &queue).await? == 1)
+        }
+    })
+    .await?;
+    host.sigterm();
+    host.wait_for("the signal to be taken", LONG, || async {
+        Ok(host.logs().contains("signal received: stopping"))
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let _: () = c.lpush(format!("{p}.jobs"), job("late", "{}")).await?;
+    let deadline = std::time::Instant::now() + LONG;
+    let code = loop {
+        if let Some(code) = host.exited()? {
+            break code;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the host did not stop");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, 0, "{}", host.logs());
+    let waiting: u64 = c.llen(format!("{p}.jobs")).await?;
+    assert_eq!(waiting, 1, "the late job is back in the queue:\n{}", host.logs());
+    assert_eq!(list_backlog(&mut c, &format!("{p}.jobs")).await?, 1, "and nowhere else");
+    assert_eq!(setup.open()?.counter("default", "runs:late"), 0, "it did not run");
+    Ok(())
+}

@@ -289,7 +289,8 @@ struct AmqpSource {
     state: Mutex<Option<(Arc<AckBatcher>, lapin::Consumer)>>,
     /// Channels of cancelled consumers, kept open for their in-flight acks.
     held: Mutex<Vec<Arc<AckBatcher>>>,
-    stopped: std::sync::atomic::AtomicBool,
+    /// Set on shutdown: no new consumer, and a waiting receive returns.
+    stopped: tokio_util::sync::CancellationToken,
 }
 
 impl AmqpSource {
@@ -326,12 +327,14 @@ fn retry_queue(queue: &str) -> String {
 #[async_trait]
 impl Source for AmqpSource {
     async fn stop(&self) {
-        self.stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+        // First, so that a receive waiting for deliveries gives up the
+        // consumer it holds, which `cancel` needs.
+        self.stopped.cancel();
         self.cancel().await;
     }
 
     async fn receive(&self, max: usize, _lease: Duration) -> Result<Vec<Delivery>> {
-        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.stopped.is_cancelled() {
             tokio::time::sleep(RECEIVE_WAIT).await;
             return Ok(vec![]);
         }
@@ -357,7 +360,11 @@ impl Source for AmqpSource {
         // unrecorded for a later `multiple` ack to sweep up.
         let acks = acks.clone();
         let mut out = Vec::new();
-        match tokio::time::timeout(RECEIVE_WAIT, consumer.next()).await {
+        let first = tokio::select! {
+            first = tokio::time::timeout(RECEIVE_WAIT, consumer.next()) => first,
+            _ = self.stopped.cancelled() => return Ok(vec![]),
+        };
+        match first {
             Err(_) => return Ok(vec![]),
             Ok(None) => {
                 *state = None;

@@ -30,6 +30,7 @@ use bytes::Bytes;
 use redb::{ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
 use super::{Acker, Delivery, OutboundMessage, Sink, Source};
 use crate::store::{Store, now_ms};
@@ -123,6 +124,7 @@ impl EmbeddedBroker {
         Arc::new(EmbeddedSource {
             broker: self.clone(),
             subject: subject.to_string(),
+            stopped: CancellationToken::new(),
         })
     }
 
@@ -366,12 +368,17 @@ impl Sink for EmbeddedBroker {
 struct EmbeddedSource {
     broker: EmbeddedBroker,
     subject: String,
+    /// Set on shutdown: a waiting receive returns with nothing.
+    stopped: CancellationToken,
 }
 
 #[async_trait]
 impl Source for EmbeddedSource {
     async fn receive(&self, max: usize, lease: Duration) -> Result<Vec<Delivery>> {
         loop {
+            if self.stopped.is_cancelled() {
+                return Ok(vec![]);
+            }
             // Register for wake-ups before looking, so a publish between the
             // look and the wait is not missed.
             let notified = self.broker.wake.notified();
@@ -390,8 +397,13 @@ impl Source for EmbeddedSource {
             tokio::select! {
                 _ = notified => {}
                 _ = tokio::time::sleep(wait) => {}
+                _ = self.stopped.cancelled() => {}
             }
         }
+    }
+
+    async fn stop(&self) {
+        self.stopped.cancel();
     }
 }
 

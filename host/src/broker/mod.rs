@@ -109,7 +109,10 @@ pub trait Source: Send + Sync {
     async fn receive(&self, max: usize, lease: Duration) -> Result<Vec<Delivery>>;
 
     /// Stop taking messages from the broker (shutdown), so that what this
-    /// host releases goes to other consumers rather than back to it.
+    /// host releases goes to other consumers rather than back to it. Runs
+    /// alongside a receive that was under way, which should then return
+    /// what it already took without waiting for more (a receive that waits
+    /// no longer than a second or so may simply run out its wait).
     async fn stop(&self) {}
 }
 

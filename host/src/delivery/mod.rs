@@ -14,7 +14,8 @@
 //!
 //! Settling errors (the broker could not be told) are logged as "outcome
 //! unknown": the lease runs out, the message comes back, dedup absorbs it.
-//! On shutdown the loop stops taking messages, waits up to the grace period
+//! On shutdown the loop stops taking messages (a receive under way is let
+//! finish and what it took released unrun), waits up to the grace period
 //! for in-flight ones, and releases the rest for immediate redelivery.
 
 pub mod dedup;
@@ -212,9 +213,14 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
             s = take_slots(&binding, &permits) => s,
             _ = shutdown.stop.cancelled() => break,
         };
+        let receive = binding.source.receive(slots.len(), binding.lease());
+        tokio::pin!(receive);
         let received = tokio::select! {
-            r = binding.source.receive(slots.len(), binding.lease()) => r,
-            _ = shutdown.stop.cancelled() => break,
+            r = &mut receive => r,
+            _ = shutdown.stop.cancelled() => {
+                finish_receive(&binding, receive).await;
+                break;
+            }
         };
         let deliveries = match received {
             Ok(d) => {
@@ -247,6 +253,36 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
     }
     binding.source.stop().await;
     while in_flight.join_next().await.is_some() {}
+}
+
+/// The longest a shutdown waits for a receive that was under way. Every
+/// source's own wait for messages is shorter (1 s), or ends when the source
+/// is stopped.
+const RECEIVE_FINISH: Duration = Duration::from_secs(3);
+
+/// Shutdown came while a receive was under way. It may already have taken
+/// messages from the broker (a lease written, a job moved to the processing
+/// list, a fetch delivered); dropping it would hide them until their lease
+/// ran out. Instead stop the source (so it waits for nothing more), let the
+/// receive finish, and release what it took at once. Both run together: a
+/// source's stop may wait for the lock its receive holds.
+async fn finish_receive(binding: &Binding, receive: impl Future<Output = anyhow::Result<Vec<Delivery>>>) {
+    let (_, received) = tokio::join!(binding.source.stop(), tokio::time::timeout(RECEIVE_FINISH, receive));
+    match received {
+        Ok(Ok(deliveries)) => {
+            for d in &deliveries {
+                release(binding, d).await;
+            }
+        }
+        Ok(Err(e)) => {
+            tracing::debug!(handler = %binding.name, error = %format!("{e:#}"), "receive failed during shutdown")
+        }
+        Err(_) => tracing::warn!(
+            handler = %binding.name,
+            "a receive did not finish within {} s of shutdown; what it took comes back when its lease runs out",
+            RECEIVE_FINISH.as_secs()
+        ),
+    }
 }
 
 /// Wait for one free slot of the handler and the tenant, then take as many
