@@ -50,6 +50,12 @@ fn broker(url: &str) -> String {
     format!("[brokers.r]\nkind = \"redis\"\nurl = {url:?}\n\n")
 }
 
+/// A handler on the Redis broker of [`broker`], its source of `kind`.
+fn redis_handler(kind: &str, name: &str, program: &str, subject: &str, extra: &str) -> String {
+    handler(name, program, subject, extra)
+        .replace("source = {", &format!("source = {{ broker = \"r\", kind = \"{kind}\","))
+}
+
 /// Entries of stream `key` as (entry id, fields).
 async fn xrange(c: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<BTreeMap<String, String>> {
     let reply: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
@@ -134,9 +140,8 @@ async fn redis_stream_success_retry_dead_letter_dedup() -> Result {
         return Ok(());
     };
     let p = prefix();
-    let stream = |name: &str, program: &str, subject: &str, extra: &str| {
-        handler(name, program, subject, extra).replace("source = {", "source = { broker = \"r\",")
-    };
+    let stream =
+        |name: &str, program: &str, subject: &str, extra: &str| redis_handler("stream", name, program, subject, extra);
     let manifest = format!(
         "{}{}{}{}",
         broker(&url),
@@ -205,9 +210,8 @@ async fn redis_list_success_retry_dead_letter_dedup_delayed() -> Result {
         return Ok(());
     };
     let p = prefix();
-    let list = |name: &str, program: &str, subject: &str, extra: &str| {
-        handler(name, program, subject, extra).replace("source = {", "source = { broker = \"r\", kind = \"list\",")
-    };
+    let list =
+        |name: &str, program: &str, subject: &str, extra: &str| redis_handler("list", name, program, subject, extra);
     let manifest = format!(
         "{}{}{}{}",
         broker(&url),
@@ -290,16 +294,15 @@ async fn redis_pubsub_success_retry_dead_letter_pattern_and_check_warns() -> Res
         return Ok(());
     };
     let p = prefix();
-    let chan = |name: &str, program: &str, subject: &str, extra: &str| {
-        handler(name, program, subject, extra).replace("source = {", "source = { broker = \"r\", kind = \"channel\",")
-    };
-    let pattern = handler(
+    let chan =
+        |name: &str, program: &str, subject: &str, extra: &str| redis_handler("channel", name, program, subject, extra);
+    let pattern = redis_handler(
+        "pattern",
         "any",
         "ok",
         &format!("{p}.d.*"),
         "config = { count_subjects = \"1\" }\n",
-    )
-    .replace("source = {", "source = { broker = \"r\", kind = \"pattern\",");
+    );
     let manifest = format!(
         "{}{}{}{}{}",
         broker(&url),
@@ -417,13 +420,13 @@ async fn sigkill_mid_load(kind: &str) -> Result {
     let manifest = format!(
         "{}{}",
         broker(&url),
-        handler(
+        redis_handler(
+            kind,
             "count",
             "ok",
             &key,
             &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 1000\n[handlers.count.dedup]\nttl_secs = 3600\n")
         )
-        .replace("source = {", &format!("source = {{ broker = \"r\", kind = \"{kind}\","))
     );
     let setup = Setup::new(&manifest)?;
     preload(&mut c, &key, kind == "list", &p, MESSAGES).await?;
@@ -533,8 +536,8 @@ fn list_and_stream(url: &str, extra: &str) -> String {
     format!(
         "{}{}{}",
         broker(url),
-        handler("list", "slow", "jobs", extra).replace("source = {", "source = { broker = \"r\", kind = \"list\","),
-        handler("stream", "slow", "events", extra).replace("source = {", "source = { broker = \"r\","),
+        redis_handler("list", "list", "slow", "jobs", extra),
+        redis_handler("stream", "stream", "slow", "events", extra),
     )
 }
 
@@ -861,19 +864,17 @@ async fn redis_list_job_taken_during_shutdown_goes_back_at_once() -> Result {
         return Ok(());
     };
     let p = prefix();
-    let list = |name: &str, program: &str, subject: &str, extra: &str| {
-        handler(name, program, subject, extra).replace("source = {", "source = { broker = \"r\", kind = \"list\",")
-    };
     let manifest = format!(
         "{}{}{}",
         broker(&url),
-        list(
+        redis_handler(
+            "list",
             "hold",
             "slow",
             &format!("{p}.hold"),
             "config = { sleep_ms = \"3000\" }\n"
         ),
-        list("idle", "ok", &format!("{p}.jobs"), ""),
+        redis_handler("list", "idle", "ok", &format!("{p}.jobs"), ""),
     );
     let setup = Setup::new(&manifest)?;
     let mut host = setup.start().await?;
