@@ -123,7 +123,8 @@ async fn amqp_success_retry_dead_letter_dedup_and_topic_routing() -> Result {
     let topology = format!(
         "{}[[brokers.mq.exchanges]]\nname = \"{p}.events\"\nkind = \"topic\"\n\
          [[brokers.mq.bindings]]\nqueue = \"{p}.t1\"\nexchange = \"{p}.events\"\nrouting_key = \"order.*\"\n\
-         [[brokers.mq.bindings]]\nqueue = \"{p}.t2\"\nexchange = \"{p}.events\"\nrouting_key = \"order.#\"\n",
+         [[brokers.mq.bindings]]\nqueue = \"{p}.t2\"\nexchange = \"{p}.events\"\nrouting_key = \"order.#\"\n\
+         [[brokers.mq.bindings]]\nqueue = \"{p}.b\"\nexchange = \"{p}.events\"\nrouting_key = \"pay.*\"\n",
         queues(&p, &["a", "b", "c", "t1", "t2"], "classic")
     );
     let manifest = format!(
@@ -139,18 +140,28 @@ async fn amqp_success_retry_dead_letter_dedup_and_topic_routing() -> Result {
             "flaky",
             "flaky",
             &format!("{p}.b"),
-            "[handlers.flaky.retry]\ninitial_delay_ms = 50\nmax_delay_ms = 100\n"
+            "config = { count_subjects = \"1\" }\n[handlers.flaky.retry]\ninitial_delay_ms = 50\nmax_delay_ms = 100\n"
         )),
         on_mq(handler("validate", "reject", &format!("{p}.c"), "")),
-        on_mq(handler("one", "ok", &format!("{p}.t1"), "")),
-        on_mq(handler("any", "ok", &format!("{p}.t2"), "")),
+        on_mq(handler(
+            "one",
+            "ok",
+            &format!("{p}.t1"),
+            "config = { count_subjects = \"1\" }\n"
+        )),
+        on_mq(handler(
+            "any",
+            "ok",
+            &format!("{p}.t2"),
+            "config = { count_subjects = \"1\" }\n"
+        )),
     );
     let setup = Setup::new(&manifest)?;
     let host = setup.start().await?;
     publish(&ch, "", &format!("{p}.a"), "a1", "{}").await?;
     publish(&ch, "", &format!("{p}.a"), "a2", "{}").await?;
     publish(&ch, "", &format!("{p}.a"), "a1", "{}").await?;
-    publish(&ch, "", &format!("{p}.b"), "f1", "{}").await?;
+    publish(&ch, &format!("{p}.events"), "pay.card", "f1", "{}").await?;
     publish(&ch, "", &format!("{p}.c"), "bad", r#"{"valid": false}"#).await?;
     publish(&ch, &format!("{p}.events"), "order.created", "e1", "{}").await?;
     publish(&ch, &format!("{p}.events"), "order.created.eu", "e2", "{}").await?;
@@ -194,6 +205,10 @@ async fn amqp_success_retry_dead_letter_dedup_and_topic_routing() -> Result {
     );
     assert_eq!(db.counter("default", "runs:e1"), 2, "routed to both topic queues");
     assert_eq!(db.counter("default", "runs:e2"), 1, "routed to the `#` queue only");
+    // Handlers see the routing key as the subject, on retries too.
+    assert_eq!(db.counter("default", "on:order.created"), 2);
+    assert_eq!(db.counter("default", "on:order.created.eu"), 1);
+    assert_eq!(db.counter("default", "on:pay.card"), 3, "every attempt of f1");
     Ok(())
 }
 

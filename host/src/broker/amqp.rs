@@ -40,6 +40,10 @@ use crate::store::now_ms;
 
 /// Header carrying the attempts wharf has counted when it republished.
 pub const ATTEMPTS_HEADER: &str = "x-wharf-attempts";
+/// Header carrying the routing key a message was first published with, on
+/// the copies wharf republishes (a retry comes back from its retry queue
+/// with the work queue's name as its routing key).
+pub const ROUTING_KEY_HEADER: &str = "x-wharf-routing-key";
 /// How long a receive waits before returning empty.
 const RECEIVE_WAIT: Duration = Duration::from_secs(1);
 
@@ -419,14 +423,25 @@ impl AmqpSource {
             .as_ref()
             .map(|s| s.to_string())
             .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+        // What the handler sees as the subject: the routing key the message
+        // was published with (for the default exchange, the queue's name).
+        let routing_key = headers_of(headers)
+            .into_iter()
+            .find(|(k, _)| k == ROUTING_KEY_HEADER)
+            .map(|(_, v)| v)
+            .unwrap_or_else(|| d.routing_key.to_string());
         let mut visible = headers_of(headers);
         visible.retain(|(k, _)| {
-            k != ATTEMPTS_HEADER && k != "x-delivery-count" && k != "x-death" && k != "x-first-death-queue"
+            k != ATTEMPTS_HEADER
+                && k != ROUTING_KEY_HEADER
+                && k != "x-delivery-count"
+                && k != "x-death"
+                && k != "x-first-death-queue"
         });
         let first_seen = props.timestamp().map(|t| t * 1000).unwrap_or_else(now_ms);
         Delivery {
             id: id.clone(),
-            subject: self.queue.clone(),
+            subject: routing_key.clone(),
             payload: Bytes::from(d.data.clone()),
             headers: visible,
             content_type: props.content_type().as_ref().map(|s| s.to_string()),
@@ -439,6 +454,7 @@ impl AmqpSource {
                 queue: self.queue.clone(),
                 id,
                 attempt,
+                routing_key,
                 acks: acks.clone(),
                 delivery: d,
             }),
@@ -451,6 +467,8 @@ struct AmqpAcker {
     queue: String,
     id: String,
     attempt: u32,
+    /// The routing key it was first published with.
+    routing_key: String,
     /// Settles this delivery on the channel it arrived on.
     acks: Arc<AckBatcher>,
     delivery: lapin::message::Delivery,
@@ -471,6 +489,10 @@ impl AmqpAcker {
         let props = &self.delivery.properties;
         let mut headers = props.headers().clone().unwrap_or_default();
         headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongLongInt(i64::from(counted)));
+        headers.insert(
+            ROUTING_KEY_HEADER.into(),
+            AMQPValue::LongString(self.routing_key.as_str().into()),
+        );
         for (k, v) in extra {
             headers.insert(k.as_str().into(), AMQPValue::LongString(v.as_str().into()));
         }
