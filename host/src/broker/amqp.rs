@@ -425,11 +425,10 @@ impl AmqpSource {
             .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
         // What the handler sees as the subject: the routing key the message
         // was published with (for the default exchange, the queue's name).
-        let routing_key = headers_of(headers)
-            .into_iter()
-            .find(|(k, _)| k == ROUTING_KEY_HEADER)
-            .map(|(_, v)| v)
-            .unwrap_or_else(|| d.routing_key.to_string());
+        let routing_key = match headers.and_then(|t| t.inner().get(ROUTING_KEY_HEADER)) {
+            Some(AMQPValue::LongString(s)) => s.to_string(),
+            _ => d.routing_key.to_string(),
+        };
         let mut visible = headers_of(headers);
         visible.retain(|(k, _)| {
             k != ATTEMPTS_HEADER
