@@ -445,3 +445,45 @@ pub fn example(name: &str, http: &str, more: &[(&str, &str)]) -> Result<Setup> {
     std::fs::write(&setup.manifest, text)?;
     Ok(setup)
 }
+
+/// A broker server of the test's own (redis-server, nats-server), on its own
+/// port and data folder, so that a test can kill it and start it again with
+/// its data without disturbing the machine's shared one.
+pub struct PrivateServer {
+    child: Child,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateServer {
+    /// Start the command `command(port, dir)` builds, its output discarded.
+    pub fn start(dir: tempfile::TempDir, port: u16, command: impl Fn(u16, &Path) -> Command) -> Result<Self> {
+        let child = command(port, dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        Ok(Self { child, port, dir })
+    }
+
+    /// SIGKILL the server; its data folder, to start it again with.
+    pub fn kill(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"))
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A TCP port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}

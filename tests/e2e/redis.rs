@@ -4,7 +4,7 @@
 //! unreachable Redis fails the tests; elsewhere they are skipped, loudly.
 
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use redis::AsyncCommands;
@@ -552,48 +552,19 @@ async fn wait_both_drained(host: &Host, c: &redis::aio::MultiplexedConnection) -
 
 /// A private redis-server with an append-only file, so that it can be killed
 /// and restarted with its data.
-struct PrivateRedis {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl PrivateRedis {
-    fn start(dir: tempfile::TempDir, port: u16) -> Result<Self> {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+fn private_redis(dir: tempfile::TempDir, port: u16) -> Result<PrivateServer> {
+    PrivateServer::start(dir, port, |port, dir| {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", ""])
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()?;
-        Ok(Self { child, port, dir })
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(mut self) -> tempfile::TempDir {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"))
-    }
+            .arg(dir);
+        cmd
+    })
 }
 
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(16379)
+fn redis_url(server: &PrivateServer) -> String {
+    format!("redis://127.0.0.1:{}", server.port)
 }
 
 async fn wait_connect(url: &str) -> redis::aio::MultiplexedConnection {
@@ -618,8 +589,8 @@ async fn redis_restart_mid_load_the_host_recovers() -> Result {
         return Ok(());
     }
     let port = free_port();
-    let server = PrivateRedis::start(tempfile::tempdir()?, port)?;
-    let url = server.url();
+    let server = private_redis(tempfile::tempdir()?, port)?;
+    let url = redis_url(&server);
     let mut c = wait_connect(&url).await;
     let manifest = list_and_stream(
         &url,
@@ -647,7 +618,7 @@ async fn redis_restart_mid_load_the_host_recovers() -> Result {
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let _server = PrivateRedis::start(dir, port)?;
+    let _server = private_redis(dir, port)?;
     let mut c = wait_connect(&url).await;
     host.wait_for("ready again", LONG, || async {
         Ok(client
@@ -679,9 +650,13 @@ async fn redis_example_pipeline_runs_end_to_end() -> Result {
         return Ok(());
     }
     // The example uses fixed key names, so it gets a Redis of its own.
-    let server = PrivateRedis::start(tempfile::tempdir()?, free_port())?;
-    let mut c = wait_connect(&server.url()).await;
-    let setup = example("redis", "127.0.0.1:8481", &[("redis://127.0.0.1:6379", &server.url())])?;
+    let server = private_redis(tempfile::tempdir()?, free_port())?;
+    let mut c = wait_connect(&redis_url(&server)).await;
+    let setup = example(
+        "redis",
+        "127.0.0.1:8481",
+        &[("redis://127.0.0.1:6379", &redis_url(&server))],
+    )?;
     let (code, out, _) = wharf(&["check", &setup.manifest.display().to_string()])?;
     assert_eq!(code, 0, "{out}");
     assert!(
@@ -835,8 +810,8 @@ async fn redis_down_at_start_the_host_waits_then_works() -> Result {
         assert!(!host.ready().await?, "ready with its Redis down");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let server = PrivateRedis::start(tempfile::tempdir()?, port)?;
-    let mut c = wait_connect(&server.url()).await;
+    let server = private_redis(tempfile::tempdir()?, port)?;
+    let mut c = wait_connect(&redis_url(&server)).await;
     preload(&mut c, "jobs", true, "", MESSAGES).await?;
     preload(&mut c, "events", false, "", MESSAGES).await?;
     host.wait_for("ready once Redis is up", LONG, || host.ready()).await?;
