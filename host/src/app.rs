@@ -261,7 +261,8 @@ impl App {
             let probe = match b {
                 Broker::Redis(redis) => redis.probe().await,
                 Broker::Amqp(amqp) => amqp.probe().await,
-                Broker::Embedded(_) | Broker::Nats(_) => Ok(()),
+                Broker::Nats(nats) => nats.probe().await,
+                Broker::Embedded(_) => Ok(()),
             };
             if let Err(e) = probe {
                 tracing::warn!(broker = %name, error = %format!("{e:#}"), "broker not reachable yet; not ready until it is");

@@ -358,6 +358,158 @@ async fn nats_jetstream_sigkill_mid_load_then_restart_loses_nothing() -> Result 
     Ok(())
 }
 
+/// A private nats-server with JetStream, its store in `dir`.
+fn private_nats(dir: tempfile::TempDir, port: u16) -> Result<PrivateServer> {
+    PrivateServer::start(dir, port, |port, dir| {
+        let mut cmd = std::process::Command::new("nats-server");
+        cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir);
+        cmd
+    })
+}
+
+async fn wait_nats(url: &str) -> Result<async_nats::Client> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match async_nats::connect(url).await {
+            Ok(c) => return Ok(c),
+            Err(e) if std::time::Instant::now() > deadline => anyhow::bail!("NATS at {url} did not come up: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// The NATS server is killed (SIGKILL) while a JetStream backlog drains and
+/// started again on its store: the host says it is not ready while the
+/// server is away, then resumes the durable consumer (every message handled,
+/// none dead-lettered, none run twice beyond what was in flight) and
+/// subscribes its core subject again. Killed once more and started without
+/// its data, the server gets the stream and the consumer declared again.
+#[tokio::test]
+async fn nats_server_restart_mid_load_the_host_recovers() -> Result {
+    const MESSAGES: usize = 600;
+    const CONCURRENCY: usize = 8;
+    if !have_binary("nats-server") {
+        return Ok(());
+    }
+    let port = free_port();
+    let server = private_nats(tempfile::tempdir()?, port)?;
+    let url = format!("nats://127.0.0.1:{port}");
+    let client = wait_nats(&url).await?;
+    let (p, s) = prefix();
+    let live = format!("{p}.live");
+    let manifest = format!(
+        "{}{}{}",
+        broker(&url, &streams(&p, &s, 120)),
+        jetstream_handler(
+            "count",
+            "slow",
+            &p,
+            &s,
+            "a",
+            &format!(
+                "concurrency = {CONCURRENCY}\ntimeout_ms = 1000\nconfig = {{ sleep_ms = \"20\" }}\n\
+                 [handlers.count.dedup]\nttl_secs = 3600\n"
+            )
+        ),
+        on("core", handler("live", "ok", &live, "")),
+    );
+    let setup = Setup::new(&manifest)?;
+    let host = setup.start().await?;
+    let js = jetstream::new(client.clone());
+    let mut acks = Vec::new();
+    for i in 0..MESSAGES {
+        acks.push(
+            js.publish_with_headers(format!("{p}.js.a"), with_id(&format!("m{i}")), "{}".into())
+                .await?,
+        );
+    }
+    for ack in acks {
+        ack.await?;
+    }
+    host.wait_for("some progress", LONG, || async {
+        Ok(host.outcome_count("count", "acked").await? >= 50)
+    })
+    .await?;
+    drop((js, client));
+    let dir = server.kill();
+    host.wait_for("not ready while NATS is down", LONG, || async {
+        Ok(!host.ready().await?)
+    })
+    .await?;
+    let handled_while_down = host.outcome_count("count", "acked").await?;
+    assert!(
+        handled_while_down < MESSAGES as u64,
+        "everything was done before the kill; the test proves nothing"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _server = private_nats(dir, port)?;
+    let client = wait_nats(&url).await?;
+    host.wait_for("ready once NATS is back", LONG, || host.ready()).await?;
+    let js = jetstream::new(client.clone());
+    host.wait_for("the consumer to drain", LONG, || {
+        let js = js.clone();
+        let stream = format!("{s}_JOBS");
+        async move {
+            let info = js.get_stream(stream).await?.consumer_info("count").await?;
+            Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+        }
+    })
+    .await?;
+    // Core NATS keeps nothing for a subscriber that is not there yet: publish
+    // until the resubscribed handler takes one.
+    let mut n = 0;
+    host.wait_for("the core subscription back", LONG, || {
+        n += 1;
+        let (client, live, host) = (client.clone(), live.clone(), &host);
+        async move {
+            client
+                .publish_with_headers(live, with_id(&format!("live{n}")), "{}".into())
+                .await?;
+            client.flush().await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Ok(host.outcome_count("live", "acked").await? > 0)
+        }
+    })
+    .await?;
+    let dead = js.get_stream(format!("{s}_DEAD")).await?.info().await?.state.messages;
+    assert_eq!(dead, 0, "nothing may be dead-lettered by a broker restart");
+
+    // Once more, and this time the server comes back without its data: the
+    // host declares the stream and the consumer again and carries on.
+    drop((js, client));
+    drop(_server.kill());
+    host.wait_for("not ready while NATS is down", LONG, || async {
+        Ok(!host.ready().await?)
+    })
+    .await?;
+    let _server = private_nats(tempfile::tempdir()?, port)?;
+    let client = wait_nats(&url).await?;
+    let js = jetstream::new(client.clone());
+    host.wait_for("the stream declared again", LONG, || {
+        let js = js.clone();
+        let stream = format!("{s}_JOBS");
+        async move { Ok(js.get_stream(stream).await.is_ok()) }
+    })
+    .await?;
+    const AFTER: usize = 50;
+    for i in 0..AFTER {
+        js.publish_with_headers(format!("{p}.js.a"), with_id(&format!("n{i}")), "{}".into())
+            .await?
+            .await?;
+    }
+    host.wait_for("the new messages handled", LONG, || async {
+        Ok(host.outcome_count("count", "acked").await? >= (MESSAGES + AFTER) as u64)
+    })
+    .await?;
+    host.wait_for("ready again", LONG, || host.ready()).await?;
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    db.assert_every_message_handled((0..MESSAGES).map(|i| format!("m{i}")), CONCURRENCY);
+    db.assert_every_message_handled((0..AFTER).map(|i| format!("n{i}")), 0);
+    Ok(())
+}
+
 /// A message held longer than the consumer's ack wait is kept alive by
 /// `Progress` and never redelivered under its attempt. The durable consumer
 /// exists before the host, with a 1 s ack wait (far shorter than the lease

@@ -15,11 +15,14 @@
 //! JetStream carry `Nats-Msg-Id` (the outbox's deterministic id), so the
 //! stream's duplicate window absorbs replays. Publishes to `_INBOX.` subjects (replies) always go through core
 //! NATS. async-nats reconnects by itself; the host starts while NATS is down
-//! (`retry_on_initial_connect`) and is not ready until it connects.
+//! (`retry_on_initial_connect`) and is not ready until it is connected and
+//! the manifest's streams are declared. A server that comes back without its
+//! data gets them declared again (`NatsBroker::redeclare`).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, AckKind, consumer::pull};
@@ -27,7 +30,7 @@ use async_nats::{HeaderMap, connection::State};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{Mutex, OnceCell, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot};
 
 use super::{Acker, Delivery, OutboundMessage, Sink, Source};
 use crate::store::now_ms;
@@ -36,6 +39,8 @@ use crate::store::now_ms;
 pub const MSG_ID: &str = "Nats-Msg-Id";
 /// How long a fetch waits for messages before the loop looks again.
 const FETCH_WAIT: Duration = Duration::from_secs(1);
+/// How often an idle JetStream source checks that its consumer still exists.
+const CONSUMER_CHECK: Duration = Duration::from_secs(5);
 
 /// A stream the manifest declares.
 #[derive(Debug, Clone)]
@@ -53,7 +58,12 @@ pub struct NatsBroker {
     client: async_nats::Client,
     js: jetstream::Context,
     streams: Vec<StreamSpec>,
-    declared: OnceCell<()>,
+    /// The manifest's streams exist on the server. Cleared when a JetStream
+    /// call fails to find a stream or consumer (a server that came back
+    /// without its data), so that the next use declares them again.
+    declared: AtomicBool,
+    /// One declaration at a time.
+    declaring: Mutex<()>,
 }
 
 /// What kind of NATS source or sink.
@@ -80,35 +90,100 @@ impl NatsBroker {
             client,
             js,
             streams,
-            declared: OnceCell::new(),
+            declared: AtomicBool::new(false),
+            declaring: Mutex::new(()),
         })
     }
 
-    /// Whether the connection is up.
+    /// Whether the connection is up and the manifest's streams exist.
     pub fn is_up(&self) -> bool {
-        self.client.connection_state() == State::Connected
+        self.client.connection_state() == State::Connected && self.declared.load(Ordering::Acquire)
     }
 
-    /// Declare the manifest's streams (once; again after a failure).
-    async fn declare(&self) -> Result<()> {
-        self.declared
-            .get_or_try_init(|| async {
-                for s in &self.streams {
-                    self.js
-                        .get_or_create_stream(jetstream::stream::Config {
-                            name: s.name.clone(),
-                            subjects: s.subjects.clone(),
-                            duplicate_window: s.duplicate_window,
-                            ..Default::default()
-                        })
-                        .await
-                        .map_err(|e| anyhow!("{e}"))
-                        .with_context(|| format!("declaring JetStream stream {}", s.name))?;
-                }
-                Ok::<_, anyhow::Error>(())
-            })
+    /// Declare the manifest's streams now, or, while NATS is away, as soon
+    /// as it is back (retrying in the background): the host is not ready
+    /// until they exist, so nothing is published to a stream that is not
+    /// there yet.
+    pub async fn probe(self: &Arc<Self>) -> Result<()> {
+        const FIRST_TRY: Duration = Duration::from_secs(5);
+        let first = tokio::time::timeout(FIRST_TRY, self.declare())
             .await
-            .map(drop)
+            .unwrap_or_else(|_| Err(anyhow!("NATS did not answer within {} s", FIRST_TRY.as_secs())));
+        if first.is_err() {
+            let broker = Arc::downgrade(self);
+            tokio::spawn(async move {
+                let mut failures = 0;
+                loop {
+                    failures += 1;
+                    tokio::time::sleep(super::reconnect_backoff(failures)).await;
+                    let Some(broker) = broker.upgrade() else { return };
+                    match broker.declare().await {
+                        Ok(()) => return,
+                        Err(e) => {
+                            tracing::debug!(error = %format!("{e:#}"), "declaring JetStream streams failed; trying again")
+                        }
+                    }
+                }
+            });
+        }
+        first
+    }
+
+    /// Declare the manifest's streams, unless that was done on this server
+    /// already.
+    async fn declare(&self) -> Result<()> {
+        if self.declared.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _one = self.declaring.lock().await;
+        if self.declared.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        for s in &self.streams {
+            self.js
+                .get_or_create_stream(jetstream::stream::Config {
+                    name: s.name.clone(),
+                    subjects: s.subjects.clone(),
+                    duplicate_window: s.duplicate_window,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| anyhow!("{e}"))
+                .with_context(|| format!("declaring JetStream stream {}", s.name))?;
+        }
+        self.declared.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Publish to JetStream, declaring the streams first if needed. The
+    /// returned future resolves once the server has stored the message.
+    async fn js_publish(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        payload: Bytes,
+    ) -> Result<impl Future<Output = Result<()>> + '_> {
+        self.declare().await?;
+        let ack = self
+            .js
+            .publish_with_headers(subject.to_string(), headers, payload)
+            .await
+            .map_err(|e| anyhow!("JetStream publish to {subject}: {e}"))?;
+        let subject = subject.to_string();
+        Ok(async move {
+            ack.await.map(drop).map_err(|e| {
+                // No stream may capture the subject any more (a server that
+                // came back without its data): declare them again first.
+                self.redeclare();
+                anyhow!("JetStream publish to {subject} not confirmed (does a declared stream capture it?): {e}")
+            })
+        })
+    }
+
+    /// A JetStream call failed in a way a missing stream would explain:
+    /// declare the streams again before the next use.
+    fn redeclare(&self) {
+        self.declared.store(false, Ordering::Release);
     }
 
     /// A core source on `subject` in queue group `group`.
@@ -141,6 +216,7 @@ impl NatsBroker {
             consumer: Mutex::new(None),
             held: Default::default(),
             acks: std::sync::OnceLock::new(),
+            checked: std::sync::Mutex::new(Instant::now()),
         })
     }
 
@@ -359,6 +435,8 @@ struct JetStreamSource {
     held: Arc<std::sync::Mutex<Held>>,
     /// The queue of [`send_acks`], started with the first receive.
     acks: std::sync::OnceLock<mpsc::UnboundedSender<AckOp>>,
+    /// When the consumer was last looked up on the server.
+    checked: std::sync::Mutex<Instant>,
 }
 
 /// The held messages of a source, by a number of their own.
@@ -406,12 +484,10 @@ impl JetStreamSource {
             return Ok(c.clone());
         }
         self.broker.declare().await?;
-        let stream = self
-            .broker
-            .js
-            .get_stream(&self.stream)
-            .await
-            .map_err(|e| anyhow!("JetStream stream {}: {e}", self.stream))?;
+        let stream = self.broker.js.get_stream(&self.stream).await.map_err(|e| {
+            self.broker.redeclare();
+            anyhow!("JetStream stream {}: {e}", self.stream)
+        })?;
         let consumer = stream
             .get_or_create_consumer(
                 &self.consumer_name,
@@ -435,6 +511,18 @@ impl JetStreamSource {
 #[async_trait]
 impl Source for JetStreamSource {
     async fn receive(&self, max: usize, _lease: Duration) -> Result<Vec<Delivery>> {
+        let received = self.fetch(max).await;
+        if received.is_err() {
+            // The consumer may be gone (a server that came back without its
+            // data): look it up, or make it, again on the next receive.
+            *self.consumer.lock().await = None;
+        }
+        received
+    }
+}
+
+impl JetStreamSource {
+    async fn fetch(&self, max: usize) -> Result<Vec<Delivery>> {
         let consumer = self.consumer().await?;
         let acks = self.acks.get_or_init(|| {
             // A consumer that existed before (bound, not created) keeps its
@@ -495,7 +583,31 @@ impl Source for JetStreamSource {
                 }),
             });
         }
+        if out.is_empty() {
+            self.check_consumer(consumer).await?;
+        }
         Ok(out)
+    }
+
+    /// An empty fetch looks the same whether the stream is idle or the
+    /// consumer is gone: a server that came back without its data answers a
+    /// pull for a missing consumer with nothing at all. While fetches come
+    /// back empty, ask the server about the consumer every
+    /// [`CONSUMER_CHECK`]; an error makes the next receive declare the
+    /// stream and the consumer again.
+    async fn check_consumer(&self, mut consumer: jetstream::consumer::Consumer<pull::Config>) -> Result<()> {
+        {
+            let mut checked = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+            if checked.elapsed() < CONSUMER_CHECK {
+                return Ok(());
+            }
+            *checked = Instant::now();
+        }
+        consumer
+            .info()
+            .await
+            .map(drop)
+            .map_err(|e| anyhow!("JetStream consumer {} on {}: {e}", self.consumer_name, self.stream))
     }
 }
 
@@ -587,14 +699,12 @@ impl Acker for JetStreamAcker {
         all.retain(|(k, _)| k != MSG_ID);
         all.push((MSG_ID.to_string(), format!("{id}:dead")));
         all.extend(headers);
-        let ack = self
-            .broker
-            .js
-            .publish_with_headers(queue.to_string(), header_map(&all), self.message.payload.clone())
+        self.broker
+            .js_publish(queue, header_map(&all), self.message.payload.clone())
             .await
-            .map_err(|e| anyhow!("dead-letter publish to {queue}: {e}"))?;
-        ack.await
-            .map_err(|e| anyhow!("dead-letter publish to {queue} not confirmed (does a stream capture it?): {e}"))?;
+            .context("dead-letter publish")?
+            .await
+            .context("dead-letter publish")?;
         self.send(AckKind::Term).await
     }
 
@@ -628,18 +738,15 @@ impl Sink for NatsSink {
                     .await?;
                 core = true;
             } else {
-                let ack = self
-                    .broker
-                    .js
-                    .publish_with_headers(m.subject.clone(), header_map(&headers), payload)
-                    .await
-                    .map_err(|e| anyhow!("JetStream publish to {}: {e}", m.subject))?;
-                confirmations.push((m.subject, ack));
+                confirmations.push(
+                    self.broker
+                        .js_publish(&m.subject, header_map(&headers), payload)
+                        .await?,
+                );
             }
         }
-        for (subject, ack) in confirmations {
-            ack.await
-                .map_err(|e| anyhow!("JetStream publish to {subject} not confirmed: {e}"))?;
+        for confirmed in confirmations {
+            confirmed.await?;
         }
         if core {
             self.broker
