@@ -606,39 +606,49 @@ async fn redis_restart_mid_load_the_host_recovers() -> Result {
     .await?;
     let dir = server.kill();
     // While Redis is down the host stays up and says it is not ready.
-    let client = reqwest::Client::new();
-    host.wait_for("not ready", LONG, || async {
-        Ok(client
-            .get(format!("{}/readyz", host.url))
-            .send()
-            .await?
-            .status()
-            .as_u16()
-            == 503)
-    })
-    .await?;
+    host.wait_for("not ready", LONG, || async { Ok(!host.ready().await?) })
+        .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let _server = private_redis(dir, port)?;
+    let server = private_redis(dir, port)?;
     let mut c = wait_connect(&url).await;
-    host.wait_for("ready again", LONG, || async {
-        Ok(client
-            .get(format!("{}/readyz", host.url))
-            .send()
-            .await?
-            .status()
-            .is_success())
-    })
-    .await?;
+    host.wait_for("ready again", LONG, || host.ready()).await?;
     wait_both_drained(&host, &c).await?;
     let dead: usize = c.llen("jobs:dead").await?;
     assert_eq!(dead, 0);
+
+    // Once more, and this time Redis comes back without its data: the
+    // stream's consumer group is gone and is made again.
+    drop(server.kill());
+    host.wait_for("not ready", LONG, || async { Ok(!host.ready().await?) })
+        .await?;
+    let _server = private_redis(tempfile::tempdir()?, port)?;
+    let mut c = wait_connect(&url).await;
+    host.wait_for("ready again", LONG, || host.ready()).await?;
+    // Everything before is settled (both backlogs drained): count from here.
+    let settled = |handler: &'static str| {
+        let host = &host;
+        async move {
+            Ok::<_, anyhow::Error>(
+                host.outcome_count(handler, "acked").await? + host.outcome_count(handler, "deduplicated").await?,
+            )
+        }
+    };
+    let (list_before, stream_before) = (settled("list").await?, settled("stream").await?);
+    const AFTER: u64 = 50;
+    preload(&mut c, "jobs", true, "after-", AFTER as usize).await?;
+    preload(&mut c, "events", false, "after-", AFTER as usize).await?;
+    host.wait_for("the new messages handled", LONG, || async {
+        Ok(settled("list").await? >= list_before + AFTER && settled("stream").await? >= stream_before + AFTER)
+    })
+    .await?;
     assert_eq!(host.terminate()?, 0);
     let db = setup.open()?;
-    for i in 0..MESSAGES {
+    let ids = (0..MESSAGES).map(|i| format!("m{i}"));
+    for id in ids.chain((0..AFTER).map(|i| format!("after-m{i}"))) {
         // Both handlers count into the same key: each message twice, at least.
         assert!(
-            db.counter("default", &format!("runs:m{i}")) >= 2,
-            "message m{i} was lost"
+            db.counter("default", &format!("runs:{id}")) >= 2,
+            "message {id} was lost"
         );
     }
     Ok(())

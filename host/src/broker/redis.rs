@@ -674,6 +674,21 @@ impl StreamSource {
 #[async_trait]
 impl Source for StreamSource {
     async fn receive(&self, max: usize, _lease: Duration) -> Result<Vec<Delivery>> {
+        let received = self.read(max).await;
+        if let Err(e) = &received
+            && e.downcast_ref::<RedisError>().and_then(RedisError::code) == Some("NOGROUP")
+        {
+            // The group is gone: a Redis that came back without its data, or
+            // the stream deleted. Make it again (from the stream's start)
+            // before the next read.
+            self.state.lock().await.group_ready = false;
+        }
+        received
+    }
+}
+
+impl StreamSource {
+    async fn read(&self, max: usize) -> Result<Vec<Delivery>> {
         let mut state = self.state.lock().await;
         self.ensure_group(&mut state).await?;
         let s = &self.inner;
