@@ -342,6 +342,58 @@ async fn amqp_connection_dropped_mid_load_then_recovered() -> Result {
     load_then_disrupt("drop").await
 }
 
+/// A queue deleted under a running host (an operator's mistake, or a broker
+/// that lost its definitions) is declared again and consumed again: the
+/// server cancels the consumer, and the host reconnects and declares its
+/// topology before consuming once more.
+#[tokio::test]
+async fn amqp_queue_deleted_under_the_host_is_declared_again() -> Result {
+    let _turn = SERIAL.lock().await;
+    let url = url();
+    let Some(ch) = connect(&url).await else { return Ok(()) };
+    let p = prefix();
+    let q = format!("{p}.jobs");
+    let manifest = format!(
+        "{}{}",
+        broker(&url, &queues(&p, &["jobs"], "classic")),
+        on_mq(handler("count", "ok", &q, "")),
+    );
+    let setup = Setup::new(&manifest)?;
+    let host = setup.start().await?;
+    publish(&ch, "", &q, "before", "{}").await?;
+    host.wait_for("the first message", LONG, || async {
+        Ok(host.outcome_count("count", "acked").await? == 1)
+    })
+    .await?;
+    ch.queue_delete(q.as_str().into(), Default::default()).await?;
+    // A passive declare of a missing queue closes its channel: a fresh one
+    // for each look.
+    host.wait_for("the queue declared again", LONG, || {
+        let (url, q) = (url.clone(), q.clone());
+        async move {
+            let Some(ch) = connect(&url).await else {
+                return Ok(false);
+            };
+            Ok(ready(&ch, &q).await.is_ok())
+        }
+    })
+    .await?;
+    for i in 0..5 {
+        publish(&ch, "", &q, &format!("after{i}"), "{}").await?;
+    }
+    host.wait_for("the messages sent after", LONG, || async {
+        Ok(host.outcome_count("count", "acked").await? == 6)
+    })
+    .await?;
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    db.assert_every_message_handled(
+        std::iter::once("before".to_string()).chain((0..5).map(|i| format!("after{i}"))),
+        0,
+    );
+    Ok(())
+}
+
 /// Handlers finish out of order; the acks that can be folded into one
 /// `basic.ack(multiple)` are, and none of them covers a message still being
 /// handled: after a SIGKILL exactly the held (slow) messages are back in the
