@@ -1,9 +1,11 @@
 //! Timing a consumer process from outside: wall time from its first handled
 //! message to its last, and the CPU it used in between, read from
-//! `/proc/<pid>/stat` (user + system, every thread). The consumer is always
+//! `/proc/<pid>/task/*/schedstat` (every thread, sampled every 10 ms so that
+//! a thread that ends mid-run still counts). The consumer is always
 //! its own process — wharf, the native consumer, a Node.js peer — so the
 //! figures never include the producer or this harness.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -36,21 +38,45 @@ impl Sample {
     }
 }
 
-/// CPU seconds used so far by process `pid`: the sum of its threads'
+/// How often a run's CPU is sampled (and wharf's progress polled).
+const SAMPLE_EVERY: Duration = Duration::from_millis(10);
+
+/// CPU seconds used so far by a process: the sum of its threads'
 /// `schedstat` run times (nanosecond resolution; the clock-tick figures in
-/// `stat` are 10 ms coarse, too coarse for short runs).
-pub fn process_cpu(pid: u32) -> Result<f64> {
-    let mut ns = 0u64;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))?.flatten() {
-        if let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) {
-            ns += s
-                .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
+/// `stat` are 10 ms coarse, too coarse for short runs). A thread that has
+/// ended is gone from `/proc`, so the meter keeps the last reading of every
+/// thread it has seen: sampled every [`SAMPLE_EVERY`], a thread that ends
+/// mid-run loses at most that much of its CPU, where reading only at the
+/// ends of the run would lose all of it (and could even go backwards).
+pub struct CpuMeter {
+    pid: u32,
+    /// Nanoseconds by thread id, as last read.
+    threads: HashMap<u32, u64>,
+}
+
+impl CpuMeter {
+    pub fn new(pid: u32) -> Self {
+        Self {
+            pid,
+            threads: HashMap::new(),
         }
     }
-    Ok(ns as f64 / 1e9)
+
+    /// Read every live thread and return the process's CPU seconds so far.
+    pub fn sample(&mut self) -> Result<f64> {
+        for task in std::fs::read_dir(format!("/proc/{}/task", self.pid))?.flatten() {
+            let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+                continue;
+            };
+            let ns = std::fs::read_to_string(task.path().join("schedstat"))
+                .ok()
+                .and_then(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()));
+            if let Some(ns) = ns {
+                self.threads.insert(tid, ns);
+            }
+        }
+        Ok(self.threads.values().sum::<u64>() as f64 / 1e9)
+    }
 }
 
 /// A point in a run: when, how many handled, CPU so far.
@@ -94,25 +120,36 @@ where
     let mut producer: OnReady = None;
     let mut first = None;
     let stall = if lossy { CORE_STALL } else { STALL };
+    let mut meter = CpuMeter::new(pid);
+    let mut samples = tokio::time::interval(SAMPLE_EVERY);
+    let mut last_line = Instant::now();
     loop {
-        let line = match tokio::time::timeout(stall, lines.next_line()).await {
-            Ok(line) => line?,
-            Err(_) if lossy && first.is_some() => {
-                // Core NATS dropped some: count what arrived (the consumer
-                // reports progress only at `done`, so ask the broker side).
-                bail!("the consumer stopped short of {n} messages (core NATS drops what a slow consumer cannot take)");
+        let line = tokio::select! {
+            line = lines.next_line() => line?,
+            _ = samples.tick() => {
+                // The process may be gone already; `done` reads it for real.
+                let _ = meter.sample();
+                if last_line.elapsed() > stall {
+                    if lossy && first.is_some() {
+                        // Core NATS dropped some (the consumer reports
+                        // progress only at `done`).
+                        bail!("the consumer stopped short of {n} messages (core NATS drops what a slow consumer cannot take)");
+                    }
+                    bail!("no progress from the consumer for {stall:?}");
+                }
+                continue;
             }
-            Err(_) => bail!("no progress from the consumer for {stall:?}"),
         };
+        last_line = Instant::now();
         let Some(line) = line else {
             let status = child.wait().await?;
             bail!("the consumer exited ({status}) before handling {n} messages");
         };
-        let mark = |handled| -> Result<Mark> {
+        let mut mark = |handled| -> Result<Mark> {
             Ok(Mark {
                 at: Instant::now(),
                 handled,
-                cpu: process_cpu(pid)?,
+                cpu: meter.sample()?,
             })
         };
         match line.trim() {
@@ -217,11 +254,11 @@ impl Wharf {
     /// Poll until `n` messages are handled; the window runs from now (wharf
     /// is ready: it starts consuming at once) to the poll that sees all.
     pub async fn drain(&mut self, n: usize, lossy: bool) -> Result<Sample> {
-        const POLL: Duration = Duration::from_millis(10);
+        let mut meter = CpuMeter::new(self.pid);
         let start = Mark {
             at: Instant::now(),
             handled: self.handled().await?,
-            cpu: process_cpu(self.pid)?,
+            cpu: meter.sample()?,
         };
         let mut last_progress = start;
         let stall = if lossy { CORE_STALL } else { STALL };
@@ -233,7 +270,7 @@ impl Wharf {
             let mark = Mark {
                 at: Instant::now(),
                 handled,
-                cpu: process_cpu(self.pid)?,
+                cpu: meter.sample()?,
             };
             if handled > last_progress.handled {
                 last_progress = mark;
@@ -267,7 +304,7 @@ impl Wharf {
                     outcomes.join("\n")
                 );
             }
-            tokio::time::sleep(POLL).await;
+            tokio::time::sleep(SAMPLE_EVERY).await;
         }
     }
 
@@ -296,4 +333,41 @@ pub fn wharf_binary() -> Result<PathBuf> {
         beside.display()
     );
     Ok(beside)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A thread's own CPU seconds so far.
+    fn thread_cpu() -> f64 {
+        let s = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
+        s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).expect("run time") as f64 / 1e9
+    }
+
+    /// A thread that used CPU and ended still counts: the meter keeps what
+    /// it last read of it, where a sum over the live threads would drop it.
+    #[test]
+    fn cpu_meter_keeps_the_cpu_of_a_thread_that_ended() {
+        const BURN: f64 = 0.03;
+        let mut meter = CpuMeter::new(std::process::id());
+        let start = meter.sample().expect("sample");
+        let (burned_tx, burned_rx) = std::sync::mpsc::channel();
+        let (seen_tx, seen_rx) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::spawn(move || {
+            let mut x = 0u64;
+            while thread_cpu() < BURN {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            burned_tx.send(()).expect("send");
+            seen_rx.recv().expect("recv");
+        });
+        burned_rx.recv().expect("the worker burned its CPU");
+        let while_alive = meter.sample().expect("sample");
+        seen_tx.send(()).expect("send");
+        worker.join().expect("join");
+        let after = meter.sample().expect("sample");
+        assert!(while_alive - start >= BURN, "{while_alive} - {start}");
+        assert!(after >= while_alive, "the ended thread's CPU was dropped: {after} < {while_alive}");
+    }
 }
