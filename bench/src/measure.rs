@@ -342,7 +342,11 @@ mod tests {
     /// A thread's own CPU seconds so far.
     fn thread_cpu() -> f64 {
         let s = std::fs::read_to_string("/proc/thread-self/schedstat").expect("schedstat");
-        s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()).expect("run time") as f64 / 1e9
+        s.split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("run time") as f64
+            / 1e9
     }
 
     /// A thread that used CPU and ended still counts: the meter keeps what
@@ -368,6 +372,9 @@ mod tests {
         worker.join().expect("join");
         let after = meter.sample().expect("sample");
         assert!(while_alive - start >= BURN, "{while_alive} - {start}");
-        assert!(after >= while_alive, "the ended thread's CPU was dropped: {after} < {while_alive}");
+        assert!(
+            after >= while_alive,
+            "the ended thread's CPU was dropped: {after} < {while_alive}"
+        );
     }
 }

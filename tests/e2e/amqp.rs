@@ -107,6 +107,16 @@ fn on_mq(handler_toml: String) -> String {
     handler_toml.replace("source = {", "source = { broker = \"mq\",")
 }
 
+/// A manifest with one classic queue, `<p>.jobs`, and handler `count`
+/// running `program` on it.
+fn one_queue(url: &str, p: &str, program: &str, extra: &str) -> String {
+    format!(
+        "{}{}",
+        broker(url, &queues(p, &["jobs"], "classic")),
+        on_mq(handler("count", program, &format!("{p}.jobs"), extra)),
+    )
+}
+
 fn queues(p: &str, names: &[&str], kind: &str) -> String {
     names
         .iter()
@@ -266,17 +276,13 @@ async fn load_then_disrupt(disrupt: &str) -> Result {
     let Some(ch) = connect(&url).await else { return Ok(()) };
     let p = prefix();
     let q = format!("{p}.jobs");
-    let manifest = format!(
-        "{}{}",
-        broker(&url, &queues(&p, &["jobs"], "classic")),
-        on_mq(handler(
-            "count",
-            "slow",
-            &q,
-            &format!(
-                "concurrency = {CONCURRENCY}\nconfig = {{ sleep_ms = \"2\" }}\n[handlers.count.dedup]\nttl_secs = 3600\n"
-            )
-        )),
+    let manifest = one_queue(
+        &url,
+        &p,
+        "slow",
+        &format!(
+            "concurrency = {CONCURRENCY}\nconfig = {{ sleep_ms = \"2\" }}\n[handlers.count.dedup]\nttl_secs = 3600\n"
+        ),
     );
     let setup = Setup::new(&manifest)?;
     let host = setup.start().await?;
@@ -353,11 +359,7 @@ async fn amqp_queue_deleted_under_the_host_is_declared_again() -> Result {
     let Some(ch) = connect(&url).await else { return Ok(()) };
     let p = prefix();
     let q = format!("{p}.jobs");
-    let manifest = format!(
-        "{}{}",
-        broker(&url, &queues(&p, &["jobs"], "classic")),
-        on_mq(handler("count", "ok", &q, "")),
-    );
+    let manifest = one_queue(&url, &p, "ok", "");
     let setup = Setup::new(&manifest)?;
     let host = setup.start().await?;
     publish(&ch, "", &q, "before", "{}").await?;

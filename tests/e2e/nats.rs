@@ -216,6 +216,34 @@ fn jetstream_handler(name: &str, program: &str, p: &str, s: &str, sub: &str, ext
     )
 }
 
+/// Publish `n` messages `{}` with ids `<ids>0`, `<ids>1`, ... to `subject`
+/// and wait until the stream has stored every one.
+async fn publish_backlog(js: &jetstream::Context, subject: &str, ids: &str, n: usize) -> Result {
+    let mut stored = Vec::new();
+    for i in 0..n {
+        stored.push(
+            js.publish_with_headers(subject.to_string(), with_id(&format!("{ids}{i}")), "{}".into())
+                .await?,
+        );
+    }
+    for ack in stored {
+        ack.await?;
+    }
+    Ok(())
+}
+
+/// Wait until durable `consumer` of `stream` has nothing pending or unacked.
+async fn wait_drained(host: &Host, js: &jetstream::Context, stream: &str, consumer: &str) -> Result {
+    host.wait_for("the consumer to drain", LONG, || {
+        let (js, stream) = (js.clone(), stream.to_string());
+        async move {
+            let info = js.get_stream(stream).await?.consumer_info(consumer).await?;
+            Ok(info.num_pending == 0 && info.num_ack_pending == 0)
+        }
+    })
+    .await
+}
+
 #[tokio::test]
 async fn nats_jetstream_success_retry_dead_letter_dedup() -> Result {
     let url = url();
@@ -315,16 +343,7 @@ async fn nats_jetstream_sigkill_mid_load_then_restart_loses_nothing() -> Result 
     );
     let setup = Setup::new(&manifest)?;
     let host = setup.start().await?;
-    let mut acks = Vec::new();
-    for i in 0..MESSAGES {
-        acks.push(
-            js.publish_with_headers(format!("{p}.js.a"), with_id(&format!("m{i}")), "{}".into())
-                .await?,
-        );
-    }
-    for ack in acks {
-        ack.await?;
-    }
+    publish_backlog(&js, &format!("{p}.js.a"), "m", MESSAGES).await?;
     host.wait_for("some progress", LONG, || async {
         Ok(host.outcome_count("count", "acked").await? >= 200)
     })
@@ -343,15 +362,7 @@ async fn nats_jetstream_sigkill_mid_load_then_restart_loses_nothing() -> Result 
     // Same durable consumer: the restarted host resumes it; what the killed
     // one held comes back after the ack wait.
     let host = setup.start().await?;
-    host.wait_for("the consumer to drain", LONG, || {
-        let js = js.clone();
-        let stream = format!("{s}_JOBS");
-        async move {
-            let info = js.get_stream(stream).await?.consumer_info("count").await?;
-            Ok(info.num_pending == 0 && info.num_ack_pending == 0)
-        }
-    })
-    .await?;
+    wait_drained(&host, &js, &format!("{s}_JOBS"), "count").await?;
     assert_eq!(host.terminate()?, 0);
     let db = setup.open()?;
     db.assert_every_message_handled((0..MESSAGES).map(|i| format!("m{i}")), CONCURRENCY);
@@ -417,16 +428,7 @@ async fn nats_server_restart_mid_load_the_host_recovers() -> Result {
     let setup = Setup::new(&manifest)?;
     let host = setup.start().await?;
     let js = jetstream::new(client.clone());
-    let mut acks = Vec::new();
-    for i in 0..MESSAGES {
-        acks.push(
-            js.publish_with_headers(format!("{p}.js.a"), with_id(&format!("m{i}")), "{}".into())
-                .await?,
-        );
-    }
-    for ack in acks {
-        ack.await?;
-    }
+    publish_backlog(&js, &format!("{p}.js.a"), "m", MESSAGES).await?;
     host.wait_for("some progress", LONG, || async {
         Ok(host.outcome_count("count", "acked").await? >= 50)
     })
@@ -447,15 +449,7 @@ async fn nats_server_restart_mid_load_the_host_recovers() -> Result {
     let client = wait_nats(&url).await?;
     host.wait_for("ready once NATS is back", LONG, || host.ready()).await?;
     let js = jetstream::new(client.clone());
-    host.wait_for("the consumer to drain", LONG, || {
-        let js = js.clone();
-        let stream = format!("{s}_JOBS");
-        async move {
-            let info = js.get_stream(stream).await?.consumer_info("count").await?;
-            Ok(info.num_pending == 0 && info.num_ack_pending == 0)
-        }
-    })
-    .await?;
+    wait_drained(&host, &js, &format!("{s}_JOBS"), "count").await?;
     // Core NATS keeps nothing for a subscriber that is not there yet: publish
     // until the resubscribed handler takes one.
     let mut n = 0;
@@ -493,11 +487,7 @@ async fn nats_server_restart_mid_load_the_host_recovers() -> Result {
     })
     .await?;
     const AFTER: usize = 50;
-    for i in 0..AFTER {
-        js.publish_with_headers(format!("{p}.js.a"), with_id(&format!("n{i}")), "{}".into())
-            .await?
-            .await?;
-    }
+    publish_backlog(&js, &format!("{p}.js.a"), "n", AFTER).await?;
     host.wait_for("the new messages handled", LONG, || async {
         Ok(host.outcome_count("count", "acked").await? >= (MESSAGES + AFTER) as u64)
     })
