@@ -481,7 +481,7 @@ pub async fn native(t: &Target, urls: &Urls, n: usize, batch: usize) -> Result<(
                 for item in &items {
                     let job: serde_json::Value = serde_json::from_str(item)?;
                     parse(job["payload"].as_str().unwrap_or("{}").as_bytes())?;
-                    acks.cmd("LREM").arg(&processing).arg(1).arg(item).ignore();
+                    acks.cmd("LREM").arg(&processing).arg(-1).arg(item).ignore();
                 }
                 let () = acks.query_async(&mut conn).await?;
                 if progress.handled(items.len()) {

@@ -895,3 +895,63 @@ async fn redis_list_job_taken_during_shutdown_goes_back_at_once() -> Result {
     assert_eq!(setup.open()?.counter("default", "runs:late"), 0, "it did not run");
     Ok(())
 }
+
+/// List acks that meet in one batch go to Redis as one pipeline of `LREM`s,
+/// and each is answered for its own job: a job taken out of the processing
+/// list meanwhile (as a reaper would) is reported as not acked, the others
+/// are acked, and nothing is left behind.
+#[tokio::test]
+async fn redis_list_acks_in_one_batch_are_answered_job_by_job() -> Result {
+    use wharf::broker::OutboundMessage;
+    use wharf::broker::redis::{RedisBroker, RedisKind};
+    let url = url();
+    let Some(mut c) = connect(&url).await else {
+        return Ok(());
+    };
+    let list = format!("{}.acks", prefix());
+    let broker = RedisBroker::new(&url, "ack-test".into())?;
+    let job = |id: &str| OutboundMessage {
+        id: Some(id.into()),
+        subject: list.clone(),
+        payload: bytes::Bytes::from_static(b"{}"),
+        headers: vec![],
+        content_type: None,
+        reply_to: None,
+        delay: Duration::ZERO,
+    };
+    broker
+        .sink(RedisKind::List, None)
+        .publish(vec![job("a"), job("b"), job("c"), job("d")])
+        .await?;
+    let source = broker.source(RedisKind::List, &list, "unused", Duration::from_secs(60));
+    let deliveries = source.receive(4, Duration::from_secs(60)).await?;
+    let ids: Vec<&str> = deliveries.iter().map(|d| d.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c", "d"]);
+
+    // "b" leaves the processing list behind the host's back.
+    let processing = format!("{list}:processing:ack-test");
+    let held: Vec<String> = c.lrange(&processing, 0, -1).await?;
+    let b = held.iter().find(|j| j.contains("\"b\"")).expect("b is held");
+    let removed: i64 = c.lrem(&processing, 1, b).await?;
+    assert_eq!(removed, 1);
+
+    let acks = futures_util::future::join_all(deliveries.iter().map(|d| d.acker.ack())).await;
+    assert!(acks[0].is_ok() && acks[2].is_ok() && acks[3].is_ok(), "{acks:?}");
+    let err = format!("{:#}", acks[1].as_ref().expect_err("b was not there to ack"));
+    assert!(err.contains("no longer in"), "{err}");
+    let left: Vec<String> = c.lrange(&processing, 0, -1).await?;
+    assert!(left.is_empty(), "{left:?}");
+    let queued: usize = c.llen(&list).await?;
+    assert_eq!(queued, 0);
+
+    source.stop().await;
+    let _: () = c
+        .del(&[
+            list.clone(),
+            processing,
+            format!("{list}:consumer:ack-test"),
+            format!("{list}:consumers"),
+        ])
+        .await?;
+    Ok(())
+}
