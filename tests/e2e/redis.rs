@@ -758,26 +758,30 @@ async fn redis_dedup_store_claims_marks_and_abandons() -> Result {
     Ok(())
 }
 
+/// An empty JSON job with `id` for the list `list`, published after `delay`.
+fn list_job(list: &str, id: &str, delay: Duration) -> wharf::broker::OutboundMessage {
+    wharf::broker::OutboundMessage {
+        id: Some(id.into()),
+        subject: list.to_string(),
+        payload: bytes::Bytes::from_static(b"{}"),
+        headers: vec![],
+        content_type: None,
+        reply_to: None,
+        delay,
+    }
+}
+
 /// A delayed publish to a Redis list goes to its delayed set, due by Redis'
 /// clock, and the rest of the batch to the list at once.
 #[tokio::test]
 async fn redis_list_sink_delays_by_redis_clock() -> Result {
-    use wharf::broker::OutboundMessage;
     use wharf::broker::redis::{RedisBroker, RedisKind};
     let url = url();
     let Some(mut c) = connect(&url).await else {
         return Ok(());
     };
     let list = format!("{}.delayed-sink", prefix());
-    let message = |id: &str, delay_ms: u64| OutboundMessage {
-        id: Some(id.into()),
-        subject: list.clone(),
-        payload: bytes::Bytes::from_static(b"{}"),
-        headers: vec![],
-        content_type: None,
-        reply_to: None,
-        delay: Duration::from_millis(delay_ms),
-    };
+    let message = |id: &str, delay_ms: u64| list_job(&list, id, Duration::from_millis(delay_ms));
     let sink = RedisBroker::new(&url, "delay-test".into())?.sink(RedisKind::List, None);
     let before = redis_now_ms(&mut c).await?;
     sink.publish(vec![message("now", 0), message("later", 1500)]).await?;
@@ -902,7 +906,6 @@ async fn redis_list_job_taken_during_shutdown_goes_back_at_once() -> Result {
 /// are acked, and nothing is left behind.
 #[tokio::test]
 async fn redis_list_acks_in_one_batch_are_answered_job_by_job() -> Result {
-    use wharf::broker::OutboundMessage;
     use wharf::broker::redis::{RedisBroker, RedisKind};
     let url = url();
     let Some(mut c) = connect(&url).await else {
@@ -910,15 +913,7 @@ async fn redis_list_acks_in_one_batch_are_answered_job_by_job() -> Result {
     };
     let list = format!("{}.acks", prefix());
     let broker = RedisBroker::new(&url, "ack-test".into())?;
-    let job = |id: &str| OutboundMessage {
-        id: Some(id.into()),
-        subject: list.clone(),
-        payload: bytes::Bytes::from_static(b"{}"),
-        headers: vec![],
-        content_type: None,
-        reply_to: None,
-        delay: Duration::ZERO,
-    };
+    let job = |id: &str| list_job(&list, id, Duration::ZERO);
     broker
         .sink(RedisKind::List, None)
         .publish(vec![job("a"), job("b"), job("c"), job("d")])
