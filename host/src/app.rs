@@ -286,6 +286,9 @@ impl App {
             while consumers.join_next().await.is_some() {}
         }
         shutdown.abort.cancel();
+        for b in self.brokers.values() {
+            b.flush().await;
+        }
         sweeper.abort();
         let _ = server.await;
         tracing::info!("wharf stopped");

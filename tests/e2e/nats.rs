@@ -565,6 +565,78 @@ async fn nats_jetstream_progress_keeps_slow_messages_past_the_ack_wait() -> Resu
     Ok(())
 }
 
+/// While the stream has a backlog a JetStream source pulls the handler's
+/// concurrency at a time and keeps what it could not hand out yet; at
+/// shutdown that must go back to the server at once, not sit out the ack
+/// wait (125 s here) invisible to every other consumer.
+#[tokio::test]
+async fn nats_jetstream_prefetched_messages_go_back_at_shutdown() -> Result {
+    const MESSAGES: usize = 40;
+    const CONCURRENCY: usize = 4;
+    let url = url();
+    let Some(client) = connect(&url).await else {
+        return Ok(());
+    };
+    let js = jetstream::new(client.clone());
+    let (p, s) = prefix();
+    let manifest = format!(
+        "{}{}",
+        broker(&url, &streams(&p, &s, 120)),
+        jetstream_handler(
+            "slow",
+            "slow",
+            &p,
+            &s,
+            "a",
+            &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 60000\n")
+        ),
+    );
+    let setup = Setup::new(&manifest)?;
+    let host = setup.start().await?;
+    // Attempts of 100 to 550 ms, so that slots free one at a time (in
+    // lockstep, every pull would find every slot free and keep nothing).
+    let mut stored = Vec::new();
+    for i in 0..MESSAGES {
+        let body = format!("{{\"sleep_ms\": {}}}", 100 + (i % 4) * 150);
+        stored.push(
+            js.publish_with_headers(format!("{p}.js.a"), with_id(&format!("m{i}")), body.into())
+                .await?,
+        );
+    }
+    for ack in stored {
+        ack.await?;
+    }
+    let stream = js.get_stream(format!("{s}_JOBS")).await?;
+    // More unacked than can run at once: some are waiting in the source.
+    host.wait_for("messages prefetched beyond the running ones", LONG, || async {
+        Ok(stream.clone().consumer_info("slow").await?.num_ack_pending > CONCURRENCY)
+    })
+    .await?;
+    assert_eq!(host.terminate()?, 0);
+    let handled = setup.open()?;
+    let done = (0..MESSAGES)
+        .filter(|i| handled.counter("default", &format!("runs:m{i}")) > 0)
+        .count();
+    drop(handled);
+    assert!(
+        done < MESSAGES,
+        "everything ran before the stop; the test proves nothing"
+    );
+    // Given back, the prefetched messages are delivered again at once; kept,
+    // they would come back only after the ack wait (125 s).
+    let host = setup.start().await?;
+    host.wait_for("every message handled", Duration::from_secs(60), || async {
+        Ok(host.outcome_count("slow", "acked").await? + done as u64 == MESSAGES as u64)
+    })
+    .await?;
+    assert_eq!(host.outcome_count("slow", "dead_lettered").await?, 0);
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    // A graceful stop lets running attempts finish: nothing ran twice.
+    db.assert_every_message_handled((0..MESSAGES).map(|i| format!("m{i}")), 0);
+    Ok(())
+}
+
 /// A private nats-server with JetStream on a free port (the example uses
 /// fixed subjects and stream names).
 struct PrivateNats {

@@ -196,6 +196,7 @@ impl Broker {
                         &cfg.subject,
                         lease,
                         cfg.double_ack.unwrap_or(false),
+                        h.concurrency as usize,
                     ),
                     _ => b.core_source(&cfg.subject, group),
                 };
@@ -252,6 +253,13 @@ impl Broker {
         match self {
             Broker::Embedded(_) | Broker::Nats(_) | Broker::Amqp(_) => Arc::new(local.clone()),
             Broker::Redis(b) => b.dedup(),
+        }
+    }
+
+    /// Before the process exits: write out what the client still holds.
+    pub async fn flush(&self) {
+        if let Broker::Nats(b) = self {
+            b.flush().await;
         }
     }
 

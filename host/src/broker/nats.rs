@@ -4,7 +4,7 @@
 //! | source `kind` | guarantee | delivery | attempt | retry | dead letter |
 //! |---|---|---|---|---|---|
 //! | `core` (default) | **at-most-once** | queue subscription (`group`, default `wharf`) | 1 | in memory only | core publish of a copy |
-//! | `jetstream` | at-least-once | durable pull consumer, `fetch` in batches, explicit acks | the delivery count in the ack metadata | `Nak` with the backoff delay | JetStream publish of a copy (with `Nats-Msg-Id`), then `Term` |
+//! | `jetstream` | at-least-once | durable pull consumer, `fetch` in batches (the handler's concurrency at a time while there is a backlog: [`Prefetched`]), explicit acks | the delivery count in the ack metadata | `Nak` with the backoff delay | JetStream publish of a copy (with `Nats-Msg-Id`), then `Term` |
 //!
 //! While an attempt holds a JetStream message, `Progress` is sent at least
 //! every third of the consumer's ack wait (one keeper per source walks the
@@ -186,6 +186,19 @@ impl NatsBroker {
         self.declared.store(false, Ordering::Release);
     }
 
+    /// Write out everything handed to the client (acks, naks, publishes)
+    /// before the process exits: the client sends from a task of its own,
+    /// which dies with the process. Bounded, so an unreachable server does
+    /// not hold up the exit (what was not written comes back after its ack
+    /// wait, and dedup absorbs it).
+    pub async fn flush(&self) {
+        match tokio::time::timeout(Duration::from_secs(2), self.client.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not flush NATS before exiting"),
+            Err(_) => tracing::warn!("NATS did not take the last writes within 2 s of exiting"),
+        }
+    }
+
     /// A core source on `subject` in queue group `group`.
     pub fn core_source(&self, subject: &str, group: &str) -> Arc<dyn Source> {
         Arc::new(CoreSource {
@@ -197,7 +210,9 @@ impl NatsBroker {
     }
 
     /// A JetStream source: durable pull consumer `consumer` of `stream`,
-    /// filtered to `subject`, with an ack wait of `lease`.
+    /// filtered to `subject`, with an ack wait of `lease`. While the stream
+    /// has a backlog it pulls `prefetch` messages at a time (the handler's
+    /// concurrency) and hands them out as slots free; see [`Prefetched`].
     pub fn jetstream_source(
         self: &Arc<Self>,
         stream: &str,
@@ -205,6 +220,7 @@ impl NatsBroker {
         subject: &str,
         lease: Duration,
         double_ack: bool,
+        prefetch: usize,
     ) -> Arc<dyn Source> {
         Arc::new(JetStreamSource {
             broker: self.clone(),
@@ -213,6 +229,8 @@ impl NatsBroker {
             subject: subject.to_string(),
             lease,
             double_ack,
+            prefetch: prefetch.max(1),
+            prefetched: Default::default(),
             consumer: Mutex::new(None),
             held: Default::default(),
             acks: std::sync::OnceLock::new(),
@@ -430,6 +448,10 @@ struct JetStreamSource {
     subject: String,
     lease: Duration,
     double_ack: bool,
+    /// The most one pull asks for while the stream has a backlog.
+    prefetch: usize,
+    /// Messages pulled but not yet handed to the engine.
+    prefetched: std::sync::Mutex<Prefetched>,
     consumer: Mutex<Option<jetstream::consumer::Consumer<pull::Config>>>,
     /// Messages an attempt holds, kept alive by [`keep_alive`].
     held: Arc<std::sync::Mutex<Held>>,
@@ -437,6 +459,30 @@ struct JetStreamSource {
     acks: std::sync::OnceLock<mpsc::UnboundedSender<AckOp>>,
     /// When the consumer was last looked up on the server.
     checked: std::sync::Mutex<Instant>,
+}
+
+/// Messages a pull brought beyond what the engine asked for, handed out by
+/// the next receives before anything is pulled again.
+///
+/// Why: a pull request costs nats-server far more than a message does, and
+/// the engine asks for as many messages as it has free slots, which during a
+/// drain is a few at a time. So while the stream has a backlog (the last pull
+/// came back full) a pull asks for `prefetch` messages, the handler's
+/// concurrency, as the native consumers and nats.js' `consume()` do; a pull
+/// that comes back short means the backlog is gone, and the next asks only
+/// for the free slots again. At most `prefetch` messages wait here, kept
+/// alive by [`keep_alive`] like those being handled. The cost: JetStream
+/// counts every delivery, so a message still waiting here when the host
+/// stops is given back (`Nak`) with a delivery counted that no attempt used,
+/// as one in a quorum queue's prefetch is; after a crash it comes back when
+/// its ack wait runs out, counted the same way.
+#[derive(Default)]
+struct Prefetched {
+    waiting: std::collections::VecDeque<Delivery>,
+    /// The last pull returned all it asked for: there is a backlog.
+    backlog: bool,
+    /// The source was stopped: nothing waits here any more.
+    stopped: bool,
 }
 
 /// The held messages of a source, by a number of their own.
@@ -511,18 +557,84 @@ impl JetStreamSource {
 #[async_trait]
 impl Source for JetStreamSource {
     async fn receive(&self, max: usize, _lease: Duration) -> Result<Vec<Delivery>> {
-        let received = self.fetch(max).await;
-        if received.is_err() {
+        let max = max.max(1);
+        let ask = {
+            let mut p = prefetched_lock(&self.prefetched);
+            if !p.waiting.is_empty() {
+                let n = max.min(p.waiting.len());
+                return Ok(p.waiting.drain(..n).collect());
+            }
+            if p.backlog { max.max(self.prefetch) } else { max }
+        };
+        let (mut pulled, failed) = self.fetch(ask).await;
+        let whole = failed.is_none();
+        if let Some(e) = failed {
             // The consumer may be gone (a server that came back without its
             // data): look it up, or make it, again on the next receive.
             *self.consumer.lock().await = None;
+            if pulled.is_empty() {
+                return Err(e);
+            }
+            // What arrived before the failure is ours: hand it out.
+            tracing::warn!(consumer = %self.consumer_name, error = %format!("{e:#}"), received = pulled.len(), "JetStream fetch failed part-way");
         }
-        received
+        tracing::debug!(consumer = %self.consumer_name, asked = ask, pulled = pulled.len(), free = max, "JetStream pull");
+        let extra = if pulled.len() > max {
+            pulled.split_off(max)
+        } else {
+            Vec::new()
+        };
+        let unwanted = {
+            let mut p = prefetched_lock(&self.prefetched);
+            p.backlog = whole && pulled.len() + extra.len() == ask;
+            if p.stopped {
+                // Stopped while the pull was out: give the extra back at once.
+                extra
+            } else {
+                p.waiting.extend(extra);
+                Vec::new()
+            }
+        };
+        release_all(unwanted).await;
+        Ok(pulled)
+    }
+
+    async fn stop(&self) {
+        let waiting: Vec<Delivery> = {
+            let mut p = prefetched_lock(&self.prefetched);
+            p.stopped = true;
+            p.waiting.drain(..).collect()
+        };
+        release_all(waiting).await;
     }
 }
 
+/// Give prefetched messages back to the server, unrun.
+async fn release_all(deliveries: Vec<Delivery>) {
+    if !deliveries.is_empty() {
+        tracing::debug!(messages = deliveries.len(), "giving prefetched JetStream messages back");
+    }
+    for d in deliveries {
+        if let Err(e) = d.acker.release().await {
+            tracing::debug!(message_id = %d.id, error = %format!("{e:#}"), "could not release a prefetched message");
+        }
+    }
+}
+
+fn prefetched_lock(p: &std::sync::Mutex<Prefetched>) -> std::sync::MutexGuard<'_, Prefetched> {
+    p.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 impl JetStreamSource {
-    async fn fetch(&self, max: usize) -> Result<Vec<Delivery>> {
+    /// Pull up to `max` messages. A failure part-way returns what arrived
+    /// before it, with the error.
+    async fn fetch(&self, max: usize) -> (Vec<Delivery>, Option<anyhow::Error>) {
+        let mut out = Vec::new();
+        let failed = self.fetch_into(max, &mut out).await.err();
+        (out, failed)
+    }
+
+    async fn fetch_into(&self, max: usize, out: &mut Vec<Delivery>) -> Result<()> {
         let consumer = self.consumer().await?;
         let acks = self.acks.get_or_init(|| {
             // A consumer that existed before (bound, not created) keeps its
@@ -545,7 +657,6 @@ impl JetStreamSource {
             .messages()
             .await
             .map_err(|e| anyhow!("fetching from {}: {e}", self.consumer_name))?;
-        let mut out = Vec::new();
         while let Some(next) = batch.next().await {
             let message = next.map_err(|e| anyhow!("fetching from {}: {e}", self.consumer_name))?;
             let info = message.info().map_err(|e| anyhow!("bad JetStream ack metadata: {e}"))?;
@@ -586,7 +697,7 @@ impl JetStreamSource {
         if out.is_empty() {
             self.check_consumer(consumer).await?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// An empty fetch looks the same whether the stream is idle or the
