@@ -219,10 +219,21 @@ fn jetstream_handler(name: &str, program: &str, p: &str, s: &str, sub: &str, ext
 /// Publish `n` messages `{}` with ids `<ids>0`, `<ids>1`, ... to `subject`
 /// and wait until the stream has stored every one.
 async fn publish_backlog(js: &jetstream::Context, subject: &str, ids: &str, n: usize) -> Result {
+    publish_bodies(js, subject, ids, n, |_| "{}".to_string()).await
+}
+
+/// [`publish_backlog`] with the `i`th message's body `body(i)`.
+async fn publish_bodies(
+    js: &jetstream::Context,
+    subject: &str,
+    ids: &str,
+    n: usize,
+    body: impl Fn(usize) -> String,
+) -> Result {
     let mut stored = Vec::new();
     for i in 0..n {
         stored.push(
-            js.publish_with_headers(subject.to_string(), with_id(&format!("{ids}{i}")), "{}".into())
+            js.publish_with_headers(subject.to_string(), with_id(&format!("{ids}{i}")), body(i).into())
                 .await?,
         );
     }
@@ -595,17 +606,10 @@ async fn nats_jetstream_prefetched_messages_go_back_at_shutdown() -> Result {
     let host = setup.start().await?;
     // Attempts of 100 to 550 ms, so that slots free one at a time (in
     // lockstep, every pull would find every slot free and keep nothing).
-    let mut stored = Vec::new();
-    for i in 0..MESSAGES {
-        let body = format!("{{\"sleep_ms\": {}}}", 100 + (i % 4) * 150);
-        stored.push(
-            js.publish_with_headers(format!("{p}.js.a"), with_id(&format!("m{i}")), body.into())
-                .await?,
-        );
-    }
-    for ack in stored {
-        ack.await?;
-    }
+    publish_bodies(&js, &format!("{p}.js.a"), "m", MESSAGES, |i| {
+        format!("{{\"sleep_ms\": {}}}", 100 + (i % 4) * 150)
+    })
+    .await?;
     let stream = js.get_stream(format!("{s}_JOBS")).await?;
     // More unacked than can run at once: some are waiting in the source.
     host.wait_for("messages prefetched beyond the running ones", LONG, || async {
