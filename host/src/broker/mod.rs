@@ -196,7 +196,14 @@ impl Broker {
                         &cfg.subject,
                         lease,
                         cfg.double_ack.unwrap_or(false),
-                        h.concurrency as usize,
+                        // A rate-limited handler takes one message at a
+                        // time, after the limit: what it prefetched would
+                        // only wait, out of other hosts' reach.
+                        if h.rate_limit.is_some() {
+                            1
+                        } else {
+                            h.concurrency as usize
+                        },
                     ),
                     _ => b.core_source(&cfg.subject, group),
                 };
