@@ -243,6 +243,36 @@ async fn publish_bodies(
     Ok(())
 }
 
+/// The jobs stream of [`streams`] and a durable consumer `slow` on
+/// `<p>.js.a` with the given ack wait, made before the host starts (which
+/// binds to it and keeps its ack wait).
+async fn slow_consumer(
+    js: &jetstream::Context,
+    p: &str,
+    s: &str,
+    ack_wait: Duration,
+) -> Result<jetstream::stream::Stream> {
+    let stream = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: format!("{s}_JOBS"),
+            subjects: vec![format!("{p}.js.>")],
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await?;
+    stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some("slow".into()),
+            filter_subject: format!("{p}.js.a"),
+            ack_policy: jetstream::consumer::AckPolicy::Explicit,
+            ack_wait,
+            max_deliver: -1,
+            ..Default::default()
+        })
+        .await?;
+    Ok(stream)
+}
+
 /// Wait until durable `consumer` of `stream` has nothing pending or unacked.
 async fn wait_drained(host: &Host, js: &jetstream::Context, stream: &str, consumer: &str) -> Result {
     host.wait_for("the consumer to drain", LONG, || {
@@ -524,24 +554,7 @@ async fn nats_jetstream_progress_keeps_slow_messages_past_the_ack_wait() -> Resu
     };
     let js = jetstream::new(client.clone());
     let (p, s) = prefix();
-    let stream = js
-        .get_or_create_stream(jetstream::stream::Config {
-            name: format!("{s}_JOBS"),
-            subjects: vec![format!("{p}.js.>")],
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        })
-        .await?;
-    stream
-        .create_consumer(jetstream::consumer::pull::Config {
-            durable_name: Some("slow".into()),
-            filter_subject: format!("{p}.js.a"),
-            ack_policy: jetstream::consumer::AckPolicy::Explicit,
-            ack_wait: Duration::from_secs(1),
-            max_deliver: -1,
-            ..Default::default()
-        })
-        .await?;
+    let stream = slow_consumer(&js, &p, &s, Duration::from_secs(1)).await?;
     let manifest = format!(
         "{}{}",
         broker(&url, &streams(&p, &s, 120)),
@@ -602,6 +615,9 @@ async fn nats_jetstream_prefetched_messages_go_back_at_shutdown() -> Result {
             &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 60000\n")
         ),
     );
+    // The consumer exists before the host starts (it binds to it), so the
+    // test can watch it from the first moment.
+    let stream = slow_consumer(&js, &p, &s, Duration::from_secs(125)).await?;
     let setup = Setup::new(&manifest)?;
     let host = setup.start().await?;
     // Attempts of 100 to 550 ms, so that slots free one at a time (in
@@ -610,7 +626,6 @@ async fn nats_jetstream_prefetched_messages_go_back_at_shutdown() -> Result {
         format!("{{\"sleep_ms\": {}}}", 100 + (i % 4) * 150)
     })
     .await?;
-    let stream = js.get_stream(format!("{s}_JOBS")).await?;
     // More unacked than can run at once: some are waiting in the source.
     host.wait_for("messages prefetched beyond the running ones", LONG, || async {
         Ok(stream.clone().consumer_info("slow").await?.num_ack_pending > CONCURRENCY)
