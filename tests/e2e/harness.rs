@@ -110,6 +110,14 @@ impl Offline {
             .unwrap_or(0)
     }
 
+    /// How many ids of `ids` were handled at least once (their `runs:<id>`
+    /// counter in the default tenant).
+    pub fn handled(&self, ids: impl IntoIterator<Item = String>) -> usize {
+        ids.into_iter()
+            .filter(|id| self.counter("default", &format!("runs:{id}")) > 0)
+            .count()
+    }
+
     /// Assert that every id of `ids` was handled (its `runs:<id>` counter in
     /// the default tenant is at least 1) and that at most `max_twice` ran
     /// more than once: the messages in flight when a host died.

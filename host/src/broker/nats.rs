@@ -566,8 +566,10 @@ impl Source for JetStreamSource {
             }
             if p.backlog { max.max(self.prefetch) } else { max }
         };
-        let (mut pulled, failed) = self.fetch(ask).await;
-        let whole = failed.is_none();
+        let mut pulled = Vec::new();
+        let failed = self.fetch(ask, &mut pulled).await.err();
+        // A whole pull that filled what it asked for: there is a backlog.
+        let backlog = failed.is_none() && pulled.len() == ask;
         if let Some(e) = failed {
             // The consumer may be gone (a server that came back without its
             // data): look it up, or make it, again on the next receive.
@@ -586,7 +588,7 @@ impl Source for JetStreamSource {
         };
         let unwanted = {
             let mut p = prefetched_lock(&self.prefetched);
-            p.backlog = whole && pulled.len() + extra.len() == ask;
+            p.backlog = backlog;
             if p.stopped {
                 // Stopped while the pull was out: give the extra back at once.
                 extra
@@ -616,7 +618,7 @@ async fn release_all(deliveries: Vec<Delivery>) {
     }
     for d in deliveries {
         if let Err(e) = d.acker.release().await {
-            tracing::debug!(message_id = %d.id, error = %format!("{e:#}"), "could not release a prefetched message");
+            tracing::warn!(message_id = %d.id, error = %format!("{e:#}"), "could not give a prefetched message back; it comes back after its ack wait");
         }
     }
 }
@@ -626,15 +628,9 @@ fn prefetched_lock(p: &std::sync::Mutex<Prefetched>) -> std::sync::MutexGuard<'_
 }
 
 impl JetStreamSource {
-    /// Pull up to `max` messages. A failure part-way returns what arrived
-    /// before it, with the error.
-    async fn fetch(&self, max: usize) -> (Vec<Delivery>, Option<anyhow::Error>) {
-        let mut out = Vec::new();
-        let failed = self.fetch_into(max, &mut out).await.err();
-        (out, failed)
-    }
-
-    async fn fetch_into(&self, max: usize, out: &mut Vec<Delivery>) -> Result<()> {
+    /// Pull up to `max` messages into `out`. On a failure part-way, `out`
+    /// keeps what arrived before it.
+    async fn fetch(&self, max: usize, out: &mut Vec<Delivery>) -> Result<()> {
         let consumer = self.consumer().await?;
         let acks = self.acks.get_or_init(|| {
             // A consumer that existed before (bound, not created) keeps its
