@@ -116,6 +116,12 @@ enum Command {
         /// Backlog per drain (default 100 000; 300 with --smoke).
         #[arg(long)]
         messages: Option<usize>,
+        /// Rounds of drains: each round drains every path with every
+        /// consumer in turn; the table shows each cell's median round and
+        /// the median of the rounds' ratios.
+        /// Default 3; 1 with --smoke.
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        rounds: Option<u16>,
     },
     /// (internal) The native consumer, as a child process of `drain`.
     #[command(hide = true)]
@@ -300,7 +306,14 @@ async fn main() -> Result<()> {
             );
             Ok(())
         }
-        Command::Suite { smoke, messages } => suite::run(&component?, smoke, messages).await,
+        Command::Suite {
+            smoke,
+            messages,
+            rounds,
+        } => {
+            let rounds = rounds.map_or(if smoke { 1 } else { 3 }, usize::from);
+            suite::run(&component?, smoke, messages, rounds).await
+        }
         Command::Native {
             path,
             subject,

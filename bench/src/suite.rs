@@ -189,9 +189,8 @@ async fn preload_embedded(path: &FsPath, t: &Target, n: usize, body: &[u8]) -> R
 }
 
 /// One row of the table.
+#[derive(Default)]
 struct Row {
-    path: Path,
-    payload: usize,
     wharf: Cell,
     dedup: Cell,
     reuse: Cell,
@@ -199,32 +198,59 @@ struct Row {
     peer: Cell,
 }
 
-type Cell = Option<Result<Sample, String>>;
+/// One consumer's drains of a row, a round each (empty: not measured).
+type Cell = Vec<Result<Sample, String>>;
 
+/// The middle value (the upper one of an even count).
+fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
+}
+
+/// The round with the median rate, or the first error if no round worked.
 fn show(c: &Cell) -> String {
-    match c {
-        None => "—".into(),
-        Some(Ok(s)) if s.messages == 0 => "drained before the first look".into(),
-        Some(Ok(s)) if s.dropped > 0 => format!(
-            "{:.0} ({:.0}), {:.0}% dropped",
+    let mut ok: Vec<&Sample> = c.iter().filter_map(|r| r.as_ref().ok()).collect();
+    ok.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    let Some(s) = ok.get(ok.len() / 2) else {
+        return match c.iter().find_map(|r| r.as_ref().err()) {
+            Some(e) => format!("error: {}", e.lines().next().unwrap_or_default()),
+            None => "—".into(),
+        };
+    };
+    let failed = c.iter().filter(|r| r.is_err()).count();
+    let failed = if failed > 0 {
+        format!(", {failed} round(s) failed")
+    } else {
+        String::new()
+    };
+    if s.messages == 0 {
+        return format!("drained before the first look{failed}");
+    }
+    if s.dropped > 0 {
+        return format!(
+            "{:.0} ({:.0}), {:.0}% dropped{failed}",
             s.rate(),
             s.cpu_us_per_msg(),
             s.dropped as f64 * 100.0 / (s.messages + s.dropped) as f64
-        ),
-        Some(Ok(s)) => format!("{:.0} ({:.0})", s.rate(), s.cpu_us_per_msg()),
-        Some(Err(e)) => format!("error: {}", e.lines().next().unwrap_or_default()),
+        );
     }
+    format!("{:.0} ({:.0}){failed}", s.rate(), s.cpu_us_per_msg())
 }
 
+/// The median of the rounds' ratios: each round's two drains ran minutes
+/// apart, the same drains of different rounds up to an hour apart, and this
+/// machine drifts over an hour.
 fn ratio(a: &Cell, b: &Cell) -> String {
-    match (a, b) {
-        (Some(Ok(a)), Some(Ok(b))) => format!("{:.2}", a.rate() / b.rate()),
-        _ => "—".into(),
-    }
+    let ratios = a
+        .iter()
+        .zip(b)
+        .filter_map(|(a, b)| Some(a.as_ref().ok()?.rate() / b.as_ref().ok()?.rate()))
+        .collect();
+    median(ratios).map_or_else(|| "—".into(), |r| format!("{r:.2}"))
 }
 
 /// Everything in docs/BENCHMARKS.md, printed as markdown.
-pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>) -> Result<()> {
+pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, rounds: usize) -> Result<()> {
     let n = messages.unwrap_or(if smoke { 300 } else { 100_000 });
     let mut out = String::new();
     let mut failures = 0;
@@ -263,74 +289,78 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>) -> Re
 
     let payloads: &[usize] = if smoke { &[100] } else { &[100, 1024] };
     let mut rows = Vec::new();
-    let mut native_stream_rate = None;
+    let mut native_stream_rates = Vec::new();
     for &payload in payloads {
         for path in Path::ALL {
-            let cell = |consumer, dedup, instance_reuse| DrainArgs {
-                path,
-                consumer,
-                messages: n,
-                payload_bytes: payload,
-                concurrency: 100,
-                dedup,
-                instance_reuse,
-            };
-            let mut measure = async |args: DrainArgs| -> Cell {
-                let r = drain(component, &args).await.map_err(|e| format!("{e:#}"));
-                match &r {
-                    Ok(s) => eprintln!(
-                        "{} {payload}B {:?}{}{}: {:.0} msg/s, {:.1} µs CPU/msg",
-                        path.name(),
-                        args.consumer,
-                        if args.dedup { " dedup" } else { "" },
-                        if args.instance_reuse > 1 { " reuse" } else { "" },
-                        s.rate(),
-                        s.cpu_us_per_msg()
-                    ),
-                    Err(e) => {
-                        failures += 1;
-                        eprintln!("{} {payload}B {:?}: FAILED: {e}", path.name(), args.consumer);
+            let mut row = Row::default();
+            // Each round drains with every consumer in turn, so a ratio
+            // compares drains minutes apart.
+            for round in 1..=rounds {
+                let cell = |consumer, dedup, instance_reuse| DrainArgs {
+                    path,
+                    consumer,
+                    messages: n,
+                    payload_bytes: payload,
+                    concurrency: 100,
+                    dedup,
+                    instance_reuse,
+                };
+                let mut measure = async |args: DrainArgs| -> Result<Sample, String> {
+                    let r = drain(component, &args).await.map_err(|e| format!("{e:#}"));
+                    match &r {
+                        Ok(s) => eprintln!(
+                            "round {round}: {} {payload}B {:?}{}{}: {:.0} msg/s, {:.1} µs CPU/msg",
+                            path.name(),
+                            args.consumer,
+                            if args.dedup { " dedup" } else { "" },
+                            if args.instance_reuse > 1 { " reuse" } else { "" },
+                            s.rate(),
+                            s.cpu_us_per_msg()
+                        ),
+                        Err(e) => {
+                            failures += 1;
+                            eprintln!(
+                                "round {round}: {} {payload}B {:?}: FAILED: {e}",
+                                path.name(),
+                                args.consumer
+                            );
+                        }
                     }
+                    r
+                };
+                row.wharf.push(measure(cell(Consumer::Wharf, false, 1)).await);
+                row.dedup.push(measure(cell(Consumer::Wharf, true, 1)).await);
+                row.reuse.push(measure(cell(Consumer::Wharf, false, REUSE)).await);
+                if path != Path::Embedded {
+                    let native = measure(cell(Consumer::Native, false, 1)).await;
+                    if path == Path::RedisStream
+                        && payload == 100
+                        && let Ok(s) = &native
+                    {
+                        native_stream_rates.push(s.rate());
+                    }
+                    row.native.push(native);
                 }
-                Some(r)
-            };
-            let wharf = measure(cell(Consumer::Wharf, false, 1)).await;
-            let dedup = measure(cell(Consumer::Wharf, true, 1)).await;
-            let reuse = measure(cell(Consumer::Wharf, false, REUSE)).await;
-            let native = if path == Path::Embedded {
-                None
-            } else {
-                measure(cell(Consumer::Native, false, 1)).await
-            };
-            let peer = if peer_script(path).is_some() {
-                measure(cell(Consumer::Peer, false, 1)).await
-            } else {
-                None
-            };
-            if path == Path::RedisStream
-                && payload == 100
-                && let Some(Ok(s)) = &native
-            {
-                native_stream_rate = Some(s.rate());
+                if peer_script(path).is_some() {
+                    row.peer.push(measure(cell(Consumer::Peer, false, 1)).await);
+                }
             }
-            rows.push(Row {
-                path,
-                payload,
-                wharf,
-                dedup,
-                reuse,
-                native,
-                peer,
-            });
+            rows.push((path, payload, row));
         }
     }
+    let native_stream_rate = median(native_stream_rates);
     writeln!(
         out,
-        "\n{n} messages per drain, 100 in flight; msg/s (consumer CPU µs/msg)\n\n\
-         | path | payload | wharf | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | native Rust | peer | wharf / native | reuse / native | wharf / peer |\n|---|---|---|---|---|---|---|---|---|---|"
+        "\n{n} messages per drain, 100 in flight; msg/s (consumer CPU µs/msg){}\n\n\
+         | path | payload | wharf | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | native Rust | peer | wharf / native | reuse / native | wharf / peer |\n|---|---|---|---|---|---|---|---|---|---|",
+        if rounds > 1 {
+            format!("; the median of {rounds} alternating rounds, and the median of the rounds' ratios")
+        } else {
+            String::new()
+        }
     )?;
-    for r in &rows {
-        let peer_name = match peer_script(r.path) {
+    for (path, payload, r) in &rows {
+        let peer_name = match peer_script(*path) {
             Some("bullmq.mjs") => "BullMQ ",
             Some("amqplib.mjs") => "amqplib ",
             Some(_) => "nats.js ",
@@ -339,8 +369,8 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>) -> Re
         writeln!(
             out,
             "| {} | {} B | {} | {} | {} | {} | {peer_name}{} | {} | {} | {} |",
-            r.path.name(),
-            r.payload,
+            path.name(),
+            payload,
             show(&r.wharf),
             show(&r.dedup),
             show(&r.reuse),
@@ -388,4 +418,45 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>) -> Re
         bail!("{failures} measurement(s) failed (see above)");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drained(rate: f64) -> Result<Sample, String> {
+        Ok(Sample {
+            messages: 1000,
+            secs: 1000.0 / rate,
+            cpu: 0.01,
+            dropped: 0,
+        })
+    }
+
+    #[test]
+    fn a_cell_shows_its_median_round_and_says_how_many_failed() {
+        let cell = vec![
+            drained(300.0),
+            Err("broker down".into()),
+            drained(100.0),
+            drained(200.0),
+        ];
+        assert_eq!(show(&cell), "200 (10), 1 round(s) failed");
+        assert_eq!(show(&vec![drained(100.0)]), "100 (10)");
+        assert_eq!(show(&vec![Err("broker down\nmore".into())]), "error: broker down");
+        assert_eq!(show(&Vec::new()), "—");
+    }
+
+    #[test]
+    fn a_ratio_is_the_median_of_the_rounds_ratios() {
+        // Round by round 0.5, 0.9 and 0.6: the median is 0.6, not the ratio
+        // of the medians (200 / 250 = 0.8).
+        let a = vec![drained(100.0), drained(180.0), drained(300.0)];
+        let b = vec![drained(200.0), drained(200.0), drained(500.0)];
+        assert_eq!(ratio(&a, &b), "0.60");
+        // A failed round on either side drops that round's pair.
+        let a = vec![drained(100.0), Err("x".into()), drained(300.0)];
+        assert_eq!(ratio(&a, &b), "0.60");
+        assert_eq!(ratio(&a, &Vec::new()), "—");
+    }
 }
