@@ -237,9 +237,9 @@ fn show(c: &Cell) -> String {
     format!("{:.0} ({:.0}){failed}", s.rate(), s.cpu_us_per_msg())
 }
 
-/// The median of the rounds' ratios: each round's two drains ran minutes
-/// apart, the same drains of different rounds up to an hour apart, and this
-/// machine drifts over an hour.
+/// The median of the rounds' own ratios: a round's drains run back to back,
+/// so each ratio compares drains a minute or two apart, and one disturbed
+/// drain moves no median.
 fn ratio(a: &Cell, b: &Cell) -> String {
     let ratios = a
         .iter()
