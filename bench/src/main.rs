@@ -6,6 +6,8 @@
 //! - `wasm-cost`: instantiate from `InstancePre` + `handle` + drop, in a loop,
 //!   with a 1 KiB JSON payload; p50/p99/mean per message, epoch interruption
 //!   on or off.
+//! - `engine-cost`: the delivery engine in process on a backlog held in
+//!   memory (no broker): the host's own per-message cost around the call.
 //! - `drain`: preload a backlog on one broker path, start one consumer
 //!   process (wharf, the native Rust consumer or the Node.js peer), time the
 //!   drain from its first message to its last; msg/s and the consumer's CPU
@@ -19,6 +21,7 @@
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+pub mod engine;
 mod latency;
 mod measure;
 mod paths;
@@ -93,6 +96,19 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         reuse: u32,
     },
+    /// wharf's delivery engine in process on a backlog held in memory: the
+    /// host's per-message cost around the Wasm call, without a broker.
+    EngineCost {
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+        #[arg(long, default_value_t = 1024)]
+        payload_bytes: usize,
+        #[arg(long, default_value_t = 100)]
+        concurrency: usize,
+        /// The handler's `instance_reuse` (1: an instance per message).
+        #[arg(long, default_value_t = 1)]
+        reuse: u32,
+    },
     /// Drain a preloaded backlog with one consumer.
     Drain(DrainArgs),
     /// End-to-end latency under an open-loop producer (Redis streams).
@@ -162,28 +178,11 @@ pub struct WasmCost {
     pub cpu_us: f64,
 }
 
-async fn wasm_cost(
-    component: &std::path::Path,
-    iterations: usize,
-    payload_bytes: usize,
-    epoch: bool,
-    reuse: u32,
-) -> Result<WasmCost> {
-    let dir = tempfile::tempdir()?;
-    let runtime = Runtime::new(RuntimeConfig {
-        // One instance lives at a time. A small pool also keeps the address
-        // space it reserves (8 GiB per memory slot) within what valgrind can
-        // host, so `scripts/bench-instructions` can count instructions.
-        max_instances: 2,
-        max_memory_bytes: 64 << 20,
-        cache_dir: dir.path().join("cache"),
-        cpu_budget: epoch,
-    })?;
-    let loaded = runtime
-        .load(component)
-        .with_context(|| format!("loading {}", component.display()))?;
-    let store = wharf::store::open_all(&dir.path().join("db"))?;
-    let handler = Arc::new(HandlerContext {
+/// The benchmark handler's context: no grants, no config, a 5 s budget,
+/// `instance_reuse` as asked.
+pub fn bench_context(db: &std::path::Path, reuse: u32) -> Result<Arc<HandlerContext>> {
+    let store = wharf::store::open_all(db)?;
+    Ok(Arc::new(HandlerContext {
         requester: None,
         name: "bench".into(),
         tenant: "default".into(),
@@ -206,7 +205,30 @@ async fn wasm_cost(
             max_log_bytes: 0,
             instance_reuse: reuse,
         },
-    });
+    }))
+}
+
+async fn wasm_cost(
+    component: &std::path::Path,
+    iterations: usize,
+    payload_bytes: usize,
+    epoch: bool,
+    reuse: u32,
+) -> Result<WasmCost> {
+    let dir = tempfile::tempdir()?;
+    let runtime = Runtime::new(RuntimeConfig {
+        // One instance lives at a time. A small pool also keeps the address
+        // space it reserves (8 GiB per memory slot) within what valgrind can
+        // host, so `scripts/bench-instructions` can count instructions.
+        max_instances: 2,
+        max_memory_bytes: 64 << 20,
+        cache_dir: dir.path().join("cache"),
+        cpu_budget: epoch,
+    })?;
+    let loaded = runtime
+        .load(component)
+        .with_context(|| format!("loading {}", component.display()))?;
+    let handler = bench_context(&dir.path().join("db"), reuse)?;
     let body = paths::payload(payload_bytes);
     let message = || Message {
         id: "m".into(),
@@ -268,6 +290,14 @@ async fn main() -> Result<()> {
             no_epoch,
             reuse,
         } => wasm_cost(&component?, iterations, payload_bytes, !no_epoch, reuse)
+            .await
+            .map(drop),
+        Command::EngineCost {
+            messages,
+            payload_bytes,
+            concurrency,
+            reuse,
+        } => engine::engine_cost(&component?, messages, payload_bytes, concurrency, reuse)
             .await
             .map(drop),
         Command::Drain(args) => {
