@@ -160,7 +160,10 @@ async fn drain(
     // A message the engine never settles must fail the run, not hang it.
     let limit = Duration::from_secs(60) + Duration::from_millis(messages as u64);
     if settled() < messages && tokio::time::timeout(limit, done).await.is_err() {
-        bail!("only {} of {messages} messages were settled within {limit:?}", settled());
+        bail!(
+            "only {} of {messages} messages were settled within {limit:?}",
+            settled()
+        );
     }
     let (wall, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
     shutdown.stop.cancel();
