@@ -36,9 +36,14 @@ impl Tally {
     fn settled(&self, acked: bool) {
         let counter = if acked { &self.acked } else { &self.other };
         counter.fetch_add(1, Ordering::Relaxed);
-        if self.acked.load(Ordering::Relaxed) + self.other.load(Ordering::Relaxed) >= self.messages {
+        if self.count() >= self.messages {
             self.done.notify_one();
         }
+    }
+
+    /// Messages settled so far, any way.
+    fn count(&self) -> usize {
+        self.acked.load(Ordering::Relaxed) + self.other.load(Ordering::Relaxed)
     }
 }
 
@@ -78,6 +83,8 @@ struct Backlog {
 #[async_trait]
 impl Source for Backlog {
     async fn receive(&self, max: usize, _lease: Duration) -> Result<Vec<Delivery>> {
+        // Only the binding's one consumer loop calls this, so a load and a
+        // store need no compare-and-swap.
         let total = self.tally.messages;
         let start = self.next.load(Ordering::Relaxed).min(total);
         let end = (start + max).min(total);
@@ -156,13 +163,12 @@ async fn drain(
     let done = tally.done.notified();
     tokio::pin!(done);
     done.as_mut().enable();
-    let settled = || tally.acked.load(Ordering::Relaxed) + tally.other.load(Ordering::Relaxed);
     // A message the engine never settles must fail the run, not hang it.
     let limit = Duration::from_secs(60) + Duration::from_millis(messages as u64);
-    if settled() < messages && tokio::time::timeout(limit, done).await.is_err() {
+    if tally.count() < messages && tokio::time::timeout(limit, done).await.is_err() {
         bail!(
             "only {} of {messages} messages were settled within {limit:?}",
-            settled()
+            tally.count()
         );
     }
     let (wall, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);

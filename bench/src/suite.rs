@@ -249,6 +249,26 @@ fn ratio(a: &Cell, b: &Cell) -> String {
     median(ratios).map_or_else(|| "—".into(), |r| format!("{r:.2}"))
 }
 
+/// Three rounds of `variants` in turn, keeping for each the run with the
+/// least CPU (`cpu`): a single run, or a pair run back to back, is at the
+/// mercy of whatever else the machine did meanwhile.
+async fn best_of_three<V: Copy, T: Copy, const N: usize>(
+    variants: [V; N],
+    mut measure: impl AsyncFnMut(V) -> Result<T>,
+    cpu: impl Fn(&T) -> f64,
+) -> Result<[T; N]> {
+    let mut best: [Option<T>; N] = [None; N];
+    for _ in 0..3 {
+        for (slot, v) in variants.into_iter().enumerate() {
+            let c = measure(v).await?;
+            if best[slot].is_none_or(|b| cpu(&c) < cpu(&b)) {
+                best[slot] = Some(c);
+            }
+        }
+    }
+    Ok(best.map(|b| b.expect("every variant ran at least once")))
+}
+
 /// Everything in docs/BENCHMARKS.md, printed as markdown.
 pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, rounds: usize) -> Result<()> {
     let n = messages.unwrap_or(if smoke { 300 } else { 100_000 });
@@ -256,20 +276,12 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
     let mut failures = 0;
 
     let iterations = if smoke { 200 } else { 20_000 };
-    // On and off alternate, three rounds, and each keeps its best round: a
-    // single pair is at the mercy of whatever else the machine did meanwhile.
-    let mut best: [Option<crate::WasmCost>; 3] = [None; 3];
-    for _ in 0..3 {
-        for (slot, (epoch, reuse)) in [(true, 1), (false, 1), (true, REUSE)].into_iter().enumerate() {
-            let c = crate::wasm_cost(component, iterations, 1024, epoch, reuse).await?;
-            if best[slot].is_none_or(|b| c.cpu_us < b.cpu_us) {
-                best[slot] = Some(c);
-            }
-        }
-    }
-    let [Some(on), Some(off), Some(reused)] = best else {
-        bail!("no Wasm cost measured")
-    };
+    let [on, off, reused] = best_of_three(
+        [(true, 1), (false, 1), (true, REUSE)],
+        async |(epoch, reuse)| crate::wasm_cost(component, iterations, 1024, epoch, reuse).await,
+        |c| c.cpu_us,
+    )
+    .await?;
     writeln!(
         out,
         "\n| per-message Wasm cost, 1 KiB JSON, {iterations} iterations (best of 3 alternating rounds) | p50 µs | p99 µs | CPU µs/msg |\n|---|---|---|---|\n\
@@ -290,18 +302,12 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
     // The delivery engine in process on a backlog held in memory: what the
     // host spends around the call with no broker client in the figure.
     let engine_messages = if smoke { 300 } else { 50_000 };
-    let mut engine_best: [Option<(f64, f64)>; 2] = [None; 2];
-    for _ in 0..3 {
-        for (slot, reuse) in [1, REUSE].into_iter().enumerate() {
-            let c = crate::engine::engine_cost(component, engine_messages, 1024, 100, reuse).await?;
-            if engine_best[slot].is_none_or(|b| c.1 < b.1) {
-                engine_best[slot] = Some(c);
-            }
-        }
-    }
-    let [Some(engine_fresh), Some(engine_reused)] = engine_best else {
-        bail!("no engine cost measured")
-    };
+    let [engine_fresh, engine_reused] = best_of_three(
+        [1, REUSE],
+        async |reuse| crate::engine::engine_cost(component, engine_messages, 1024, 100, reuse).await,
+        |&(_, cpu_us)| cpu_us,
+    )
+    .await?;
     writeln!(
         out,
         "\n| the delivery engine in process, no broker, 1 KiB, {engine_messages} messages, 100 in flight (best of 3) | msg/s | CPU µs/msg | of which around the Wasm call |\n|---|---|---|---|\n\
