@@ -1,6 +1,6 @@
 //! Tenants: the ceilings shared by every handler of one tenant.
 //!
-//! A tenant's handlers draw on one in-flight budget (`max_concurrency`), may
+//! A tenant's handlers draw on one budget of running messages (`max_concurrency`), may
 //! only publish within the tenant's grants, and share one key-value space with
 //! one quota. Per-handler memory and timeout ceilings are enforced when the
 //! manifest is validated.

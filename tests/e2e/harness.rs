@@ -120,7 +120,8 @@ impl Offline {
 
     /// Assert that every id of `ids` was handled (its `runs:<id>` counter in
     /// the default tenant is at least 1) and that at most `max_twice` ran
-    /// more than once: the messages in flight when a host died.
+    /// more than once: what a host that died could repeat (README: "What a
+    /// crash can repeat").
     pub fn assert_every_message_handled(&self, ids: impl IntoIterator<Item = String>, max_twice: usize) {
         let mut twice = 0;
         for id in ids {
@@ -132,7 +133,7 @@ impl Offline {
         }
         assert!(
             twice <= max_twice,
-            "{twice} messages ran twice (at most {max_twice} were in flight)"
+            "{twice} messages ran twice (at most {max_twice} could be repeated)"
         );
     }
 

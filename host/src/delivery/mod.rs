@@ -7,7 +7,8 @@
 //! 1. too large → dead-letter (`payload-too-large`), never shown to the guest;
 //! 2. dedup on and (handler, id) already done → ack without running, counted;
 //! 3. wait for the rate limit, then run one attempt in a fresh instance;
-//! 4. success → publish the outbox and wait for confirmation, mark dedup, ack;
+//! 4. success → publish the outbox and wait for confirmation, mark dedup,
+//!    trade the running slot for a settling one ([`Slot`]), ack;
 //! 5. failure → `rejected` (or a failure retrying cannot fix) dead-letters at
 //!    once; anything else retries after backoff until `max_attempts`, then
 //!    dead-letters with the last reason.
@@ -66,7 +67,8 @@ pub struct Binding {
     pub sink: Arc<dyn Sink>,
     /// Dead-letter queue name.
     pub dead_letter_queue: String,
-    /// Messages of this handler in flight at once.
+    /// Messages of this handler running at once (as many more may wait for
+    /// their ack: [`Slot`]).
     pub concurrency: usize,
     /// The tenant's shared in-flight budget.
     pub tenant_permits: Arc<Semaphore>,
@@ -205,6 +207,7 @@ impl Binding {
 /// Run `binding`'s consumer loop until `shutdown.stop`, then drain.
 pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown: Shutdown) {
     let permits = Arc::new(Semaphore::new(binding.concurrency));
+    let settling = Arc::new(Semaphore::new(binding.concurrency));
     let mut in_flight = JoinSet::new();
     let mut receive_errors = 0u32;
     loop {
@@ -238,14 +241,17 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
             }
         };
         // Unused slots (fewer deliveries than asked for) drop here.
-        for (delivery, slot) in deliveries.into_iter().zip(slots) {
+        for (delivery, running) in deliveries.into_iter().zip(slots) {
             let (binding, runtime, abort) = (binding.clone(), runtime.clone(), shutdown.abort.clone());
+            let mut slot = Slot {
+                running: Some(running),
+                settling: settling.clone(),
+            };
             // Boxed: the attempt's future is several KiB (it holds the
             // Wasm call's), and spawn would otherwise copy it around.
             in_flight.spawn(Box::pin(async move {
-                let _slot = slot;
                 tokio::select! {
-                    settled = process(&binding, &runtime, &delivery) => settled,
+                    settled = process(&binding, &runtime, &delivery, &mut slot) => settled,
                     _ = abort.cancelled() => release(&binding, &delivery).await,
                 }
             }));
@@ -285,10 +291,44 @@ async fn finish_receive(binding: &Binding, receive: impl Future<Output = anyhow:
     }
 }
 
+/// A running message's share of the handler's and the tenant's concurrency.
+type Running = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// A delivery's place in its binding's budgets, from receive to settled.
+///
+/// It runs holding a slot of the handler's and the tenant's concurrency.
+/// Once it is handled for good (attempt done, outbox confirmed, dedup mark
+/// written) and only its ack is left, it trades that slot for one of the
+/// binding's *settling* budget (as large as its concurrency), so the next
+/// message starts while the broker confirms this one. Waiting acks then
+/// cost no handler time, and a source can fold them into fewer, fuller
+/// round trips (the Redis stream source sends them with its next read).
+///
+/// The trade-off, stated where it is made: a host killed mid-load leaves at
+/// most `concurrency` messages running and `concurrency` handled but not yet
+/// acked, so without dedup up to twice `concurrency` messages may run again;
+/// with dedup only the running ones can (the others' marks are written).
+pub struct Slot {
+    running: Option<Running>,
+    settling: Arc<Semaphore>,
+}
+
+impl Slot {
+    /// Trade the running slot for a place in the settling budget; returns
+    /// that place, to hold until the ack is confirmed. Waits while the
+    /// settling budget is full, still holding the running slot, so the two
+    /// budgets together bound what a crash can repeat.
+    async fn settle_only(&mut self) -> Option<OwnedSemaphorePermit> {
+        let place = self.settling.clone().acquire_owned().await.ok()?;
+        self.running = None;
+        Some(place)
+    }
+}
+
 /// Wait for one free slot of the handler and the tenant, then take as many
 /// more as are free at once (up to the handler's concurrency): the size of
 /// the next batch. Rate-limited handlers take one at a time, after the limit.
-async fn take_slots(binding: &Binding, permits: &Arc<Semaphore>) -> Vec<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+async fn take_slots(binding: &Binding, permits: &Arc<Semaphore>) -> Vec<Running> {
     let mut slots = Vec::new();
     let Ok(first) = permits.clone().acquire_owned().await else {
         return slots;
@@ -314,7 +354,7 @@ async fn take_slots(binding: &Binding, permits: &Arc<Semaphore>) -> Vec<(OwnedSe
 }
 
 /// Decide and carry out what happens to one delivery.
-pub async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery) -> Settled {
+pub async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery, slot: &mut Slot) -> Settled {
     let limits = binding.context.limits;
     if d.payload.len() > limits.max_payload_bytes {
         let failure = Failure::new(
@@ -348,7 +388,7 @@ pub async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery) -> Sett
             }
         }
     }
-    let settled = attempt_and_settle(binding, runtime, d).await;
+    let settled = attempt_and_settle(binding, runtime, d, slot).await;
     if let Some((store, _)) = &binding.dedup
         && settled != Settled::Acked
         && let Err(e) = store.abandon(&binding.name, &d.id).await
@@ -360,7 +400,7 @@ pub async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery) -> Sett
 }
 
 /// Run one attempt and settle the delivery by its outcome.
-async fn attempt_and_settle(binding: &Binding, runtime: &Runtime, d: &Delivery) -> Settled {
+async fn attempt_and_settle(binding: &Binding, runtime: &Runtime, d: &Delivery, slot: &mut Slot) -> Settled {
     let limits = binding.context.limits;
     let component = binding.component.load_full();
     let msg = Message {
@@ -393,6 +433,7 @@ async fn attempt_and_settle(binding: &Binding, runtime: &Runtime, d: &Delivery) 
     {
         tracing::warn!(handler = %binding.name, message_id = %d.id, error = %format!("{e:#}"), "could not record dedup mark; a redelivery would run again");
     }
+    let _settling = slot.settle_only().await;
     settle(binding, d, Settled::Acked, d.acker.ack().await)
 }
 

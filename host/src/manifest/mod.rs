@@ -221,7 +221,7 @@ pub enum SourceKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantConfig {
-    /// Messages of this tenant in flight at once, across its handlers. Default 64.
+    /// Messages of this tenant running at once, across its handlers. Default 64.
     #[serde(default = "default_tenant_concurrency")]
     pub max_concurrency: u32,
     /// Largest `memory_mb` a handler of this tenant may ask for. Default 256.
