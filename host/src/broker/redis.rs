@@ -3,7 +3,7 @@
 //!
 //! | source `kind` | delivery | attempt count | retry | dead letter |
 //! |---|---|---|---|---|
-//! | `stream` | `XREADGROUP` batches; acks batched into one `XACK` | the entry's delivery counter | entry stays pending; `XCLAIM`ed back after the delay | `MULTI { XADD <dlq>; XACK }` |
+//! | `stream` | `XREADGROUP` batches; acks batched into one `XACK`, sent with the next read while there is a backlog ([`stream_acks`]) | the entry's delivery counter | entry stays pending; `XCLAIM`ed back after the delay | `MULTI { XADD <dlq>; XACK }` |
 //! | `list` | `BLMOVE` into `<queue>:processing:<consumer>` | `attempts` in the job envelope | `LREM` + `ZADD <queue>:delayed` (one Lua script), due by Redis' clock | `LREM` + `LPUSH <dlq>` (one Lua script) |
 //! | `channel`, `pattern` | `SUBSCRIBE` / `PSUBSCRIBE` | 1 | in memory only | `XADD <dlq>` |
 //!
@@ -492,6 +492,11 @@ struct StreamShared {
     consumer: String,
     reclaim_after: Duration,
     acks: mpsc::UnboundedSender<PendingAck>,
+    /// Acks the ack task has taken and not yet sent, for the next read to
+    /// carry ([`stream_acks`]).
+    parked: std::sync::Mutex<Vec<PendingAck>>,
+    /// The last read of new entries came back full: more are waiting.
+    backlog: AtomicBool,
     /// Retries waiting for their delay: (due, entry id) → next attempt. The
     /// entry itself stays pending in Redis, so a crash loses only the timer:
     /// a restart re-reads it, or another host's janitor reclaims it.
@@ -512,6 +517,15 @@ impl StreamShared {
     fn retries(&self) -> std::sync::MutexGuard<'_, BTreeMap<(Instant, String), u32>> {
         self.retries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
+
+    fn parked(&self) -> std::sync::MutexGuard<'_, Vec<PendingAck>> {
+        self.parked.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The parked acks, taken to be sent by whoever takes them.
+    fn take_parked(&self) -> Vec<PendingAck> {
+        std::mem::take(&mut *self.parked())
+    }
 }
 
 impl StreamSource {
@@ -531,9 +545,11 @@ impl StreamSource {
             consumer: consumer.to_string(),
             reclaim_after,
             acks,
+            parked: Default::default(),
+            backlog: AtomicBool::new(false),
             retries: Default::default(),
         });
-        tokio::spawn(batcher(Arc::downgrade(&inner), rx, xack));
+        tokio::spawn(stream_acks(Arc::downgrade(&inner), rx));
         Self {
             inner,
             blocking,
@@ -774,14 +790,23 @@ impl StreamSource {
             }
         }
 
-        // New entries; block no longer than until the next retry is due.
+        // New entries. While there is a backlog, ask without blocking, on the
+        // command connection, with the parked acks in the same round trip.
+        drop(state);
+        if s.backlog.load(Ordering::Relaxed) {
+            let entries = self.read_with_acks(max).await?;
+            s.backlog.store(entries.len() >= max, Ordering::Relaxed);
+            if !entries.is_empty() {
+                return Ok(self.deliveries(entries, |_| 1).0);
+            }
+        }
+        // Block no longer than until the next retry is due.
         let block = s
             .retries()
             .first_key_value()
             .map(|((at, _), _)| at.saturating_duration_since(Instant::now()))
             .unwrap_or(BLOCK)
             .clamp(Duration::from_millis(1), BLOCK);
-        drop(state);
         let mut conn = self.blocking.get().await?;
         let reply = redis::cmd("XREADGROUP")
             .arg("GROUP")
@@ -797,8 +822,85 @@ impl StreamSource {
             .query_async::<Value>(&mut conn)
             .await;
         let reply = self.blocking.observe(reply).await?;
-        let (out, _) = self.deliveries(parse_read(&reply), |_| 1);
-        Ok(out)
+        let entries = parse_read(&reply);
+        s.backlog.store(entries.len() >= max, Ordering::Relaxed);
+        Ok(self.deliveries(entries, |_| 1).0)
+    }
+
+    /// Up to `max` new entries without waiting for any, sent after one
+    /// `XACK` of the parked acks in the same pipeline; answers those acks.
+    async fn read_with_acks(&self, max: usize) -> Result<Vec<Entry>> {
+        let s = &self.inner;
+        let acks = s.take_parked();
+        let mut pipe = redis::pipe();
+        if !acks.is_empty() {
+            pipe.cmd("XACK")
+                .arg(&s.stream)
+                .arg(&s.group)
+                .arg(acks.iter().map(|(id, _)| id).collect::<Vec<_>>())
+                .ignore();
+        }
+        pipe.cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&s.group)
+            .arg(&s.consumer)
+            .arg("COUNT")
+            .arg(max)
+            .arg("STREAMS")
+            .arg(&s.stream)
+            .arg(">");
+        let reply: Result<(Value,)> = s.commands.pipe(&pipe).await;
+        let err = reply.as_ref().err().map(|e| format!("{e:#}"));
+        for (_, done) in acks {
+            let _ = done.send(match &err {
+                None => Ok(()),
+                Some(e) => Err(anyhow!("XACK failed: {e}")),
+            });
+        }
+        Ok(parse_read(&reply?.0))
+    }
+}
+
+/// How long, at most, the ack task leaves acks parked for the next read to
+/// carry while there is a backlog. Long enough for a read to come (one comes
+/// as soon as a slot frees, and a message frees its slot before its ack);
+/// short enough that an ack is never held up noticeably.
+const ACK_RIDE: Duration = Duration::from_millis(2);
+
+/// The stream source's ack task: a group commit like [`batcher`]'s, except
+/// that while the stream has a backlog it parks the acks for up to
+/// [`ACK_RIDE`] so that the next read can carry them in its own round trip
+/// ([`StreamSource::read_with_acks`]). Then it sends what no read took in
+/// one `XACK`. A backlog means a read is coming soon, so the acks that ride
+/// cost no round trip at all: the native consumer's one `XACK` per read.
+async fn stream_acks(shared: std::sync::Weak<StreamShared>, mut rx: mpsc::UnboundedReceiver<PendingAck>) {
+    let mut batch = Vec::with_capacity(ACK_BATCH);
+    while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
+        let Some(s) = shared.upgrade() else { return };
+        s.parked().append(&mut batch);
+        if s.backlog.load(Ordering::Relaxed) {
+            let ride = tokio::time::sleep(ACK_RIDE);
+            tokio::pin!(ride);
+            loop {
+                tokio::select! {
+                    n = rx.recv_many(&mut batch, ACK_BATCH) => {
+                        s.parked().append(&mut batch);
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                    _ = &mut ride => break,
+                }
+            }
+        }
+        let left = s.take_parked();
+        if left.is_empty() {
+            continue;
+        }
+        let (ids, waiting): (Vec<String>, Vec<_>) = left.into_iter().unzip();
+        for (done, answer) in waiting.into_iter().zip(xack(s, ids).await) {
+            let _ = done.send(answer);
+        }
     }
 }
 
