@@ -522,6 +522,23 @@ impl StreamShared {
         self.parked.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// `XREADGROUP` of up to `max` entries from `from` (`>`: new ones; an
+    /// id: this consumer's pending ones after it), waiting up to `block` for
+    /// new ones when given.
+    fn xreadgroup(&self, max: usize, block: Option<Duration>, from: &str) -> redis::Cmd {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(max);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS").arg(&self.stream).arg(from);
+        cmd
+    }
+
     /// The parked acks, taken to be sent by whoever takes them.
     fn take_parked(&self) -> Vec<PendingAck> {
         std::mem::take(&mut *self.parked())
@@ -711,20 +728,8 @@ impl StreamSource {
 
         if !state.recovered {
             // Our own pending entries from before a restart.
-            let reply: Value = s
-                .commands
-                .query(
-                    redis::cmd("XREADGROUP")
-                        .arg("GROUP")
-                        .arg(&s.group)
-                        .arg(&s.consumer)
-                        .arg("COUNT")
-                        .arg(max)
-                        .arg("STREAMS")
-                        .arg(&s.stream)
-                        .arg(state.recovery_cursor.as_deref().unwrap_or("0")),
-                )
-                .await?;
+            let from = state.recovery_cursor.as_deref().unwrap_or("0");
+            let reply: Value = s.commands.query(&s.xreadgroup(max, None, from)).await?;
             let entries = parse_read(&reply);
             if entries.is_empty() {
                 state.recovered = true;
@@ -808,17 +813,8 @@ impl StreamSource {
             .unwrap_or(BLOCK)
             .clamp(Duration::from_millis(1), BLOCK);
         let mut conn = self.blocking.get().await?;
-        let reply = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(&s.group)
-            .arg(&s.consumer)
-            .arg("COUNT")
-            .arg(max)
-            .arg("BLOCK")
-            .arg(block.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(&s.stream)
-            .arg(">")
+        let reply = s
+            .xreadgroup(max, Some(block), ">")
             .query_async::<Value>(&mut conn)
             .await;
         let reply = self.blocking.observe(reply).await?;
@@ -831,31 +827,15 @@ impl StreamSource {
     /// `XACK` of the parked acks in the same pipeline; answers those acks.
     async fn read_with_acks(&self, max: usize) -> Result<Vec<Entry>> {
         let s = &self.inner;
-        let acks = s.take_parked();
+        let (ids, waiting): (Vec<String>, Vec<_>) = s.take_parked().into_iter().unzip();
         let mut pipe = redis::pipe();
-        if !acks.is_empty() {
-            pipe.cmd("XACK")
-                .arg(&s.stream)
-                .arg(&s.group)
-                .arg(acks.iter().map(|(id, _)| id).collect::<Vec<_>>())
-                .ignore();
+        if !ids.is_empty() {
+            pipe.cmd("XACK").arg(&s.stream).arg(&s.group).arg(&ids).ignore();
         }
-        pipe.cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(&s.group)
-            .arg(&s.consumer)
-            .arg("COUNT")
-            .arg(max)
-            .arg("STREAMS")
-            .arg(&s.stream)
-            .arg(">");
+        pipe.add_command(s.xreadgroup(max, None, ">"));
         let reply: Result<(Value,)> = s.commands.pipe(&pipe).await;
-        let err = reply.as_ref().err().map(|e| format!("{e:#}"));
-        for (_, done) in acks {
-            let _ = done.send(match &err {
-                None => Ok(()),
-                Some(e) => Err(anyhow!("XACK failed: {e}")),
-            });
+        for (done, answer) in waiting.into_iter().zip(xack_answers(&ids, reply.as_ref().err())) {
+            let _ = done.send(answer);
         }
         Ok(parse_read(&reply?.0))
     }
@@ -947,7 +927,12 @@ async fn xack(s: Arc<StreamShared>, ids: Vec<String>) -> Vec<Result<()>> {
         .commands
         .query(redis::cmd("XACK").arg(&s.stream).arg(&s.group).arg(&ids))
         .await;
-    let err = result.err().map(|e| format!("{e:#}"));
+    xack_answers(&ids, result.as_ref().err())
+}
+
+/// One answer per id of an `XACK` that succeeded or failed as a whole.
+fn xack_answers(ids: &[String], failed: Option<&anyhow::Error>) -> Vec<Result<()>> {
+    let err = failed.map(|e| format!("{e:#}"));
     ids.iter()
         .map(|_| match &err {
             None => Ok(()),
