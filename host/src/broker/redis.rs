@@ -1825,3 +1825,52 @@ impl DedupStore for RedisDedup {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(payload: &[u8]) -> Envelope {
+        Envelope {
+            id: "job-1".into(),
+            payload: payload.to_vec(),
+            headers: vec![("k".into(), "v".into())],
+            content_type: Some("application/json".into()),
+            reply_to: None,
+            attempts: 2,
+            published_at: 7,
+        }
+    }
+
+    #[test]
+    fn list_envelopes_round_trip_text_and_binary_payloads() {
+        let text = envelope("{\"order\": \"\\\"quoted\\\" é\"}".as_bytes());
+        let json = text.to_json();
+        assert!(
+            json.contains(r#""payload":"{\"order\""#),
+            "text payloads stay readable: {json}"
+        );
+        assert_eq!(Envelope::from_list_item(&json), text);
+
+        let binary = envelope(&[0xff, 0x00, 0x80]);
+        let json = binary.to_json();
+        assert!(json.contains(r#""payload":{"b16":"ff0080"}"#), "{json}");
+        assert_eq!(Envelope::from_list_item(&json), binary);
+    }
+
+    #[test]
+    fn a_foreign_list_item_is_the_payload_and_its_hash_the_id() {
+        for raw in [
+            "plain text",
+            r#"{"payload": 5}"#,
+            r#"{"id": "x", "payload": {"b16": "zz"}}"#,
+        ] {
+            let env = Envelope::from_list_item(raw);
+            assert_eq!(env.payload, raw.as_bytes(), "{raw}");
+            assert_eq!(env.id.len(), 32, "{raw}");
+            assert_eq!(env.attempts, 0);
+            // Parsing is deterministic: a foreign job keeps its id.
+            assert_eq!(Envelope::from_list_item(raw), env);
+        }
+    }
+}
