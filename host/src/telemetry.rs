@@ -1,6 +1,7 @@
 //! Logging (human or JSON, filtered by `RUST_LOG`) and the Prometheus recorder.
 
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
@@ -38,13 +39,38 @@ pub fn init_logging(format: LogFormat) {
 pub fn prometheus() -> Option<PrometheusHandle> {
     PROMETHEUS
         .get_or_init(|| match prometheus_builder().install_recorder() {
-            Ok(handle) => Some(handle),
+            Ok(handle) => {
+                spawn_upkeep(handle.clone());
+                Some(handle)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "metrics disabled: could not install the recorder");
                 None
             }
         })
         .clone()
+}
+
+/// How often the recorder folds histogram samples into their buckets.
+const UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+/// The recorder keeps every histogram sample (one per attempt) until it is
+/// rendered or upkept, and `install_recorder` leaves upkeep to its caller:
+/// with nothing scraping `/metrics`, a host's memory grew by every attempt
+/// it ran, for as long as it ran. A thread of its own, since the recorder
+/// can be installed before (or without) a Tokio runtime.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("wharf-metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "could not start the metrics upkeep thread; histogram samples wait for a scrape of /metrics");
+    }
 }
 
 /// `wharf_attempt_seconds` bucket bounds: 50 µs (a reused instance) to 30 s
@@ -88,6 +114,9 @@ mod tests {
             metrics::histogram!("wharf_attempt_seconds", "handler" => "h").record(0.003);
             metrics::histogram!("wharf_amqp_acks_per_frame").record(20.0);
         });
+        // Upkeep (what the upkeep thread runs) folds the samples into their
+        // buckets; it must not lose them.
+        handle.run_upkeep();
         let text = handle.render();
         for line in [
             "wharf_attempt_seconds_bucket{handler=\"h\",le=\"0.0025\"} 0",
