@@ -834,9 +834,7 @@ impl StreamSource {
         }
         pipe.add_command(s.xreadgroup(max, None, ">"));
         let reply: Result<(Value,)> = s.commands.pipe(&pipe).await;
-        for (done, answer) in waiting.into_iter().zip(xack_answers(&ids, reply.as_ref().err())) {
-            let _ = done.send(answer);
-        }
+        answer(waiting, xack_answers(&ids, reply.as_ref().err()));
         Ok(parse_read(&reply?.0))
     }
 }
@@ -878,9 +876,7 @@ async fn stream_acks(shared: std::sync::Weak<StreamShared>, mut rx: mpsc::Unboun
             continue;
         }
         let (ids, waiting): (Vec<String>, Vec<_>) = left.into_iter().unzip();
-        for (done, answer) in waiting.into_iter().zip(xack(s, ids).await) {
-            let _ = done.send(answer);
-        }
+        answer(waiting, xack(s, ids).await);
     }
 }
 
@@ -907,10 +903,15 @@ where
     while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
         let Some(s) = shared.upgrade() else { return };
         let (items, waiting): (Vec<I>, Vec<_>) = batch.drain(..).unzip();
-        let answers = flush(s, items).await;
-        for (done, answer) in waiting.into_iter().zip(answers) {
-            let _ = done.send(answer);
-        }
+        answer(waiting, flush(s, items).await);
+    }
+}
+
+/// Answer each waiting request with its answer, in order. A request whose
+/// caller is gone (cancelled) is skipped.
+fn answer<R>(waiting: Vec<oneshot::Sender<Result<R>>>, answers: Vec<Result<R>>) {
+    for (done, answer) in waiting.into_iter().zip(answers) {
+        let _ = done.send(answer);
     }
 }
 
@@ -932,13 +933,10 @@ async fn xack(s: Arc<StreamShared>, ids: Vec<String>) -> Vec<Result<()>> {
 
 /// One answer per id of an `XACK` that succeeded or failed as a whole.
 fn xack_answers(ids: &[String], failed: Option<&anyhow::Error>) -> Vec<Result<()>> {
-    let err = failed.map(|e| format!("{e:#}"));
-    ids.iter()
-        .map(|_| match &err {
-            None => Ok(()),
-            Some(e) => Err(anyhow!("XACK failed: {e}")),
-        })
-        .collect()
+    match failed {
+        None => ids.iter().map(|_| Ok(())).collect(),
+        Some(e) => all_failed(ids, format!("XACK failed: {e:#}")),
+    }
 }
 
 struct StreamAcker {
