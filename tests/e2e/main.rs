@@ -2,6 +2,7 @@
 //! from `tests/programs`, the embedded broker on a temporary data folder.
 
 mod amqp;
+mod engine;
 mod harness;
 mod nats;
 mod redis;

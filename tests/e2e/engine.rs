@@ -1,0 +1,227 @@
+//! The delivery engine in process, with a source whose acks the test holds
+//! back: what a message holds while the broker has not yet confirmed its
+//! ack (`delivery::Slot`). No broker here on purpose: a real one confirms
+//! too fast to hold an ack open.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::bail;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::{Notify, Semaphore, watch};
+use wharf::broker::{Acker, Delivery, OutboundMessage, Sink, Source};
+use wharf::delivery::{Binding, RetryPolicy, Shutdown, run_binding};
+use wharf::kv::{Kv, KvQuota};
+use wharf::runtime::{AttemptLimits, HandlerContext, Runtime, RuntimeConfig};
+use wharf::subject::Grants;
+
+use crate::harness::{Result, program};
+
+/// What the test sees of the source: ids handed out, acks asked for and
+/// confirmed; `confirm` lets the held acks through.
+#[derive(Default)]
+struct Seen {
+    handed_out: Mutex<Vec<String>>,
+    acks_asked: AtomicUsize,
+    acks_confirmed: AtomicUsize,
+    changed: Notify,
+}
+
+struct HeldAcker {
+    seen: Arc<Seen>,
+    confirm: watch::Receiver<bool>,
+}
+
+#[async_trait]
+impl Acker for HeldAcker {
+    async fn ack(&self) -> anyhow::Result<()> {
+        self.seen.acks_asked.fetch_add(1, Ordering::SeqCst);
+        self.seen.changed.notify_waiters();
+        self.confirm.clone().wait_for(|go| *go).await?;
+        self.seen.acks_confirmed.fetch_add(1, Ordering::SeqCst);
+        self.seen.changed.notify_waiters();
+        Ok(())
+    }
+    async fn retry(&self, _: Duration) -> anyhow::Result<()> {
+        bail!("the ok handler never fails")
+    }
+    async fn dead_letter(&self, _: &str, _: Vec<(String, String)>) -> anyhow::Result<()> {
+        bail!("the ok handler never fails")
+    }
+    async fn release(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
+    async fn defer(&self, _: Duration) -> anyhow::Result<()> {
+        bail!("no dedup here")
+    }
+}
+
+struct Queue {
+    ids: Mutex<VecDeque<String>>,
+    seen: Arc<Seen>,
+    confirm: watch::Receiver<bool>,
+}
+
+#[async_trait]
+impl Source for Queue {
+    async fn receive(&self, max: usize, _lease: Duration) -> anyhow::Result<Vec<Delivery>> {
+        let taken: Vec<String> = {
+            let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+            let n = max.min(ids.len());
+            ids.drain(..n).collect()
+        };
+        if taken.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.seen
+            .handed_out
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(taken.iter().cloned());
+        self.seen.changed.notify_waiters();
+        Ok(taken
+            .into_iter()
+            .map(|id| Delivery {
+                id,
+                subject: "held".into(),
+                payload: Bytes::from_static(b"{}"),
+                headers: vec![],
+                content_type: None,
+                reply_to: None,
+                attempt: 1,
+                redelivered: false,
+                first_seen_ms: 0,
+                acker: Box::new(HeldAcker {
+                    seen: self.seen.clone(),
+                    confirm: self.confirm.clone(),
+                }),
+            })
+            .collect())
+    }
+}
+
+struct NoSink;
+
+#[async_trait]
+impl Sink for NoSink {
+    async fn publish(&self, _: Vec<OutboundMessage>) -> anyhow::Result<()> {
+        bail!("the ok handler publishes nothing")
+    }
+}
+
+impl Seen {
+    /// Wait (up to 30 s) until `cond` holds.
+    async fn until(&self, what: &str, cond: impl Fn(&Seen) -> bool) -> Result {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if cond(self) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                bail!("timed out waiting for {what}");
+            }
+        }
+    }
+
+    fn handed_out(&self) -> Vec<String> {
+        self.handed_out.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// With `concurrency = 1`: the first message, handled, waits for its ack
+/// without its slot, so the second is taken and run meanwhile; the second
+/// then waits for the settling place (still holding the slot), so a third
+/// is not taken until the first ack is confirmed. Then all are acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handled_message_waits_for_its_ack_without_its_slot_within_a_budget() -> Result {
+    let dir = tempfile::tempdir()?;
+    let runtime = Arc::new(Runtime::new(RuntimeConfig {
+        max_instances: 4,
+        max_memory_bytes: 64 << 20,
+        cache_dir: dir.path().join("cache"),
+        cpu_budget: true,
+    })?);
+    let component = Arc::new(runtime.load(&program("ok"))?);
+    let context = Arc::new(HandlerContext {
+        requester: None,
+        name: "held".into(),
+        tenant: "default".into(),
+        grants: Grants::default(),
+        tenant_grants: Grants::default(),
+        config: Default::default(),
+        kv: Kv::new(
+            wharf::store::open_all(&dir.path().join("db"))?,
+            "default",
+            KvQuota {
+                max_keys: 10,
+                max_value_bytes: 64,
+            },
+        ),
+        limits: AttemptLimits {
+            timeout: Duration::from_secs(5),
+            memory_bytes: 64 << 20,
+            max_payload_bytes: 1 << 20,
+            max_publishes: 0,
+            max_log_bytes: 4096,
+            instance_reuse: 1,
+        },
+    });
+    let seen = Arc::new(Seen::default());
+    let (confirm, confirmed) = watch::channel(false);
+    let binding = Arc::new(Binding {
+        name: "held".into(),
+        component: ArcSwap::new(component),
+        context,
+        source: Arc::new(Queue {
+            ids: Mutex::new(["m0", "m1", "m2"].map(String::from).into()),
+            seen: seen.clone(),
+            confirm: confirmed,
+        }),
+        sink: Arc::new(NoSink),
+        dead_letter_queue: "held.dead".into(),
+        concurrency: 1,
+        tenant_permits: Arc::new(Semaphore::new(1)),
+        retry: RetryPolicy {
+            max_attempts: 1,
+            initial_delay: Duration::from_millis(100),
+            max_delay: Duration::from_secs(1),
+            multiplier: 2.0,
+        },
+        dedup: None,
+        rate_limit: None,
+        metrics: OnceLock::new(),
+    });
+    let shutdown = Shutdown::default();
+    let consumer = tokio::spawn(run_binding(binding, runtime, shutdown.clone()));
+
+    // m0 is handled and asks for its ack, which is held: its slot goes to m1.
+    seen.until("m1 to be taken while m0's ack is held", |s| s.handed_out().len() >= 2)
+        .await?;
+    assert_eq!(seen.acks_confirmed.load(Ordering::SeqCst), 0);
+    // m1 runs; the settling budget (one place, m0's) is full, so m1 keeps
+    // its slot and m2 is not taken.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        seen.handed_out(),
+        ["m0", "m1"],
+        "a third message was taken past the budget"
+    );
+    assert_eq!(seen.acks_asked.load(Ordering::SeqCst), 1);
+
+    confirm.send(true)?;
+    seen.until("every ack to be confirmed", |s| {
+        s.acks_confirmed.load(Ordering::SeqCst) == 3
+    })
+    .await?;
+    assert_eq!(seen.handed_out(), ["m0", "m1", "m2"]);
+    shutdown.stop.cancel();
+    consumer.await?;
+    Ok(())
+}
