@@ -401,12 +401,19 @@ impl Envelope {
         f
     }
 
-    /// From stream entry fields. An entry without a `payload` field (a
-    /// foreign producer's) becomes a JSON object of its fields.
-    fn from_stream_fields(entry_id: &str, fields: &[(String, Vec<u8>)]) -> Self {
-        let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.clone());
-        let text = |k: &str| get(k).map(|v| String::from_utf8_lossy(&v).into_owned());
-        let payload = get("payload").unwrap_or_else(|| {
+    /// From stream entry fields, taken: the payload moves, uncopied. An
+    /// entry without a `payload` field (a foreign producer's) becomes a JSON
+    /// object of its fields.
+    fn from_stream_fields(entry_id: &str, mut fields: Vec<(String, Vec<u8>)>) -> Self {
+        // Taking it out reorders the rest, which only a foreign entry's
+        // object (an entry with no payload field) would show.
+        let payload = fields
+            .iter()
+            .position(|(f, _)| f == "payload")
+            .map(|at| fields.swap_remove(at).1);
+        let get = |k: &str| fields.iter().find(|(f, _)| f == k).map(|(_, v)| v.as_slice());
+        let text = |k: &str| get(k).map(|v| String::from_utf8_lossy(v).into_owned());
+        let payload = payload.unwrap_or_else(|| {
             let obj: serde_json::Map<String, serde_json::Value> = fields
                 .iter()
                 .map(|(k, v)| {
@@ -422,7 +429,7 @@ impl Envelope {
             id: text("id").unwrap_or_else(|| entry_id.to_string()),
             payload,
             headers: get("headers")
-                .and_then(|h| serde_json::from_slice(&h).ok())
+                .and_then(|h| serde_json::from_slice(h).ok())
                 .unwrap_or_default(),
             content_type: text("content-type"),
             reply_to: text("reply-to"),
@@ -475,35 +482,49 @@ fn array(v: &Value) -> &[Value] {
     }
 }
 
+/// The items of an array (or set) reply, taken; anything else has none.
+fn into_array(v: Value) -> Vec<Value> {
+    match v {
+        Value::Array(items) | Value::Set(items) => items,
+        _ => vec![],
+    }
+}
+
 /// `[[id, [field, value, ...]], ...]` → entries (nil entries — deleted while
-/// pending — are returned with no fields so they can be acked away).
-fn parse_entries(v: &Value) -> Vec<Entry> {
-    array(v)
-        .iter()
+/// pending — are returned with no fields so they can be acked away). Takes
+/// the reply, so values (the payload) move into the entry uncopied.
+fn parse_entries(v: Value) -> Vec<Entry> {
+    into_array(v)
+        .into_iter()
         .filter_map(|e| {
-            let parts = array(e);
-            let id = text(parts.first()?)?;
-            let kv = parts.get(1).map(array).unwrap_or(&[]);
-            let fields = kv
-                .chunks(2)
-                .filter_map(|pair| match pair {
-                    [k, Value::BulkString(val)] => Some((text(k)?, val.clone())),
-                    [k, other] => Some((text(k)?, text(other)?.into_bytes())),
-                    _ => None,
-                })
-                .collect();
+            let mut parts = into_array(e).into_iter();
+            let id = text(&parts.next()?)?;
+            let mut kv = parts.next().map(into_array).unwrap_or_default().into_iter();
+            let mut fields = Vec::with_capacity(kv.len() / 2);
+            while let (Some(k), Some(val)) = (kv.next(), kv.next()) {
+                let val = match val {
+                    Value::BulkString(b) => Some(b),
+                    other => text(&other).map(String::into_bytes),
+                };
+                if let (Some(k), Some(val)) = (text(&k), val) {
+                    fields.push((k, val));
+                }
+            }
             Some((id, fields))
         })
         .collect()
 }
 
 /// XREADGROUP reply (RESP2: `[[stream, entries]]`, or nil).
-fn parse_read(v: &Value) -> Vec<Entry> {
+fn parse_read(v: Value) -> Vec<Entry> {
     match v {
-        Value::Map(streams) => streams.iter().flat_map(|(_, entries)| parse_entries(entries)).collect(),
-        _ => array(v)
-            .iter()
-            .flat_map(|s| array(s).get(1).map(parse_entries).unwrap_or_default())
+        Value::Map(streams) => streams
+            .into_iter()
+            .flat_map(|(_, entries)| parse_entries(entries))
+            .collect(),
+        v => into_array(v)
+            .into_iter()
+            .flat_map(|s| into_array(s).into_iter().nth(1).map(parse_entries).unwrap_or_default())
             .collect(),
     }
 }
@@ -671,7 +692,7 @@ impl StreamSource {
                 continue;
             }
             let attempt = attempt_of(&entry_id).max(1);
-            let env = Envelope::from_stream_fields(&entry_id, &fields);
+            let env = Envelope::from_stream_fields(&entry_id, fields);
             let acker = Box::new(StreamAcker {
                 shared: self.inner.clone(),
                 entry_id,
@@ -731,7 +752,7 @@ impl StreamSource {
                     .arg(ids),
             )
             .await?;
-        Ok(parse_entries(&reply))
+        Ok(parse_entries(reply))
     }
 }
 
@@ -761,7 +782,7 @@ impl StreamSource {
             // Our own pending entries from before a restart.
             let from = state.recovery_cursor.as_deref().unwrap_or("0");
             let reply: Value = s.commands.query(&s.xreadgroup(max, None, from)).await?;
-            let entries = parse_read(&reply);
+            let entries = parse_read(reply);
             if entries.is_empty() {
                 state.recovered = true;
             } else {
@@ -815,8 +836,12 @@ impl StreamSource {
                         .arg(max),
                 )
                 .await?;
-            let parts = array(&reply);
-            let entries = parts.get(1).map(parse_entries).unwrap_or_default();
+            // [next cursor, entries, deleted ids]
+            let entries = into_array(reply)
+                .into_iter()
+                .nth(1)
+                .map(parse_entries)
+                .unwrap_or_default();
             if !entries.is_empty() {
                 let out = self.deliver_counted(entries).await?;
                 if !out.is_empty() {
@@ -849,7 +874,7 @@ impl StreamSource {
             .query_async::<Value>(&mut conn)
             .await;
         let reply = self.blocking.observe(reply).await?;
-        let entries = parse_read(&reply);
+        let entries = parse_read(reply);
         s.backlog.store(entries.len() >= max, Ordering::Relaxed);
         Ok(self.deliveries(entries, |_| 1).0)
     }
@@ -866,7 +891,7 @@ impl StreamSource {
         pipe.add_command(s.xreadgroup(max, None, ">"));
         let reply: Result<(Value,)> = s.commands.pipe(&pipe).await;
         answer(waiting, xack_answers(&ids, reply.as_ref().err()));
-        Ok(parse_read(&reply?.0))
+        Ok(parse_read(reply?.0))
     }
 }
 
@@ -1003,9 +1028,8 @@ impl Acker for StreamAcker {
                     .arg(&self.entry_id),
             )
             .await?;
-        let entries = parse_entries(&reply);
-        let mut env = match entries.first() {
-            Some((id, fields)) => Envelope::from_stream_fields(id, fields),
+        let mut env = match parse_entries(reply).into_iter().next() {
+            Some((id, fields)) => Envelope::from_stream_fields(&id, fields),
             None => bail!(
                 "entry {} of stream {} is gone; cannot dead-letter it",
                 self.entry_id,
@@ -1909,6 +1933,59 @@ mod tests {
         assert_eq!((env.id.as_str(), env.payload.as_slice()), ("j", &[0xff, 0x00][..]));
         let env = Envelope::from_list_item(r#"{"id": "j", "payload": "plain"}"#);
         assert_eq!(env.payload, b"plain");
+    }
+
+    #[test]
+    fn stream_replies_parse_into_envelopes() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let entry = |id: &str, fields: &[&str]| {
+            Value::Array(vec![bulk(id), Value::Array(fields.iter().map(|f| bulk(f)).collect())])
+        };
+        // XREADGROUP, RESP2: [[stream, [entry, ...]]]; an entry deleted while
+        // pending comes back as [id, nil].
+        let reply = Value::Array(vec![Value::Array(vec![
+            bulk("orders"),
+            Value::Array(vec![
+                entry(
+                    "5-0",
+                    &[
+                        "id",
+                        "job-1",
+                        "payload",
+                        "{\"n\":1}",
+                        "headers",
+                        r#"[["k","v"]]"#,
+                        "content-type",
+                        "application/json",
+                        "published-at",
+                        "7",
+                    ],
+                ),
+                entry("6-0", &["colour", "red", "size", "9"]),
+                Value::Array(vec![bulk("7-0"), Value::Nil]),
+            ]),
+        ])]);
+        let entries = parse_read(reply);
+        assert_eq!(entries.len(), 3);
+        let ours = Envelope::from_stream_fields(&entries[0].0, entries[0].1.clone());
+        assert_eq!(
+            ours,
+            Envelope {
+                id: "job-1".into(),
+                payload: b"{\"n\":1}".to_vec(),
+                headers: vec![("k".into(), "v".into())],
+                content_type: Some("application/json".into()),
+                reply_to: None,
+                attempts: 0,
+                published_at: 7,
+            }
+        );
+        // A foreign entry: its fields as a JSON object for payload; the entry id
+        // and time as its id and publish time.
+        let foreign = Envelope::from_stream_fields(&entries[1].0, entries[1].1.clone());
+        assert_eq!(foreign.payload, br#"{"colour":"red","size":"9"}"#);
+        assert_eq!((foreign.id.as_str(), foreign.published_at), ("6-0", 6));
+        assert!(entries[2].1.is_empty(), "a deleted entry has no fields");
     }
 
     #[test]
