@@ -26,6 +26,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -241,8 +242,11 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
             }
         };
         // Unused slots (fewer deliveries than asked for) drop here.
-        for (delivery, running) in deliveries.into_iter().zip(slots) {
+        for (mut delivery, running) in deliveries.into_iter().zip(slots) {
             let (binding, runtime, abort) = (binding.clone(), runtime.clone(), shutdown.abort.clone());
+            // The payload goes to the attempt; no settling needs it (ackers
+            // keep what they need themselves).
+            let payload = std::mem::take(&mut delivery.payload);
             let mut slot = Slot {
                 running: Some(running),
                 settling: settling.clone(),
@@ -251,7 +255,7 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
             // Wasm call's), and spawn would otherwise copy it around.
             in_flight.spawn(Box::pin(async move {
                 tokio::select! {
-                    settled = process(&binding, &runtime, &delivery, &mut slot) => settled,
+                    settled = process(&binding, &runtime, &delivery, payload, &mut slot) => settled,
                     _ = abort.cancelled() => release(&binding, &delivery).await,
                 }
             }));
@@ -353,15 +357,16 @@ async fn take_slots(binding: &Binding, permits: &Arc<Semaphore>) -> Vec<Running>
     slots
 }
 
-/// Decide and carry out what happens to one delivery.
-pub async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery, slot: &mut Slot) -> Settled {
+/// Decide and carry out what happens to one delivery, whose payload has
+/// been taken out of it (so that the attempt gets it without a copy).
+async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery, payload: Bytes, slot: &mut Slot) -> Settled {
     let limits = binding.context.limits;
-    if d.payload.len() > limits.max_payload_bytes {
+    if payload.len() > limits.max_payload_bytes {
         let failure = Failure::new(
             FailureKind::PayloadTooLarge,
             format!(
                 "payload is {} bytes; max_payload_bytes is {}",
-                d.payload.len(),
+                payload.len(),
                 limits.max_payload_bytes
             ),
         );
@@ -388,7 +393,7 @@ pub async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery, slot: &
             }
         }
     }
-    let settled = attempt_and_settle(binding, runtime, d, slot).await;
+    let settled = attempt_and_settle(binding, runtime, d, payload, slot).await;
     if let Some((store, _)) = &binding.dedup
         && settled != Settled::Acked
         && let Err(e) = store.abandon(&binding.name, &d.id).await
@@ -400,13 +405,20 @@ pub async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery, slot: &
 }
 
 /// Run one attempt and settle the delivery by its outcome.
-async fn attempt_and_settle(binding: &Binding, runtime: &Runtime, d: &Delivery, slot: &mut Slot) -> Settled {
+async fn attempt_and_settle(
+    binding: &Binding,
+    runtime: &Runtime,
+    d: &Delivery,
+    payload: Bytes,
+    slot: &mut Slot,
+) -> Settled {
     let limits = binding.context.limits;
     let component = binding.component.load_full();
     let msg = Message {
         id: d.id.clone(),
         subject: d.subject.clone(),
-        payload: d.payload.to_vec(),
+        // No copy when the broker's buffer is this delivery's alone.
+        payload: Vec::from(payload),
         headers: d.headers.clone(),
         content_type: d.content_type.clone(),
         attempt: d.attempt,
