@@ -475,13 +475,6 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
-fn array(v: &Value) -> &[Value] {
-    match v {
-        Value::Array(items) | Value::Set(items) => items,
-        _ => &[],
-    }
-}
-
 /// The items of an array (or set) reply, taken; anything else has none.
 fn into_array(v: Value) -> Vec<Value> {
     match v {
@@ -671,9 +664,9 @@ impl StreamSource {
                 .arg(&s.consumer);
         }
         let replies: Vec<Value> = s.commands.pipe(&pipe).await?;
-        for reply in &replies {
-            for row in array(reply) {
-                let r = array(row);
+        for reply in replies {
+            for row in into_array(reply) {
+                let r = into_array(row);
                 if let (Some(id), Some(Value::Int(n))) = (r.first().and_then(text), r.get(3)) {
                     out.insert(id, *n as u32);
                 }
