@@ -2,15 +2,25 @@
 //! itself, with as little handler work as a real handler can do. With
 //! `config.forward_to` set it also publishes the payload there (the latency
 //! benchmark's forwarder).
+use std::sync::OnceLock;
+
 use wharf_sdk::{Handler, HandlerError, Message, config, export_handler, publish};
 
 struct ParseJson;
 
+/// `forward_to`, asked of the host once per instance: a handler's config is
+/// fixed for the instance's life, and asking per message was a host call
+/// the drains' "parse the JSON, nothing else" did not call for.
+fn forward_to() -> Option<&'static str> {
+    static FORWARD_TO: OnceLock<Option<String>> = OnceLock::new();
+    FORWARD_TO.get_or_init(|| config("forward_to")).as_deref()
+}
+
 impl Handler for ParseJson {
     fn handle(msg: Message) -> Result<(), HandlerError> {
         let _: serde_json::Value = msg.json()?;
-        if let Some(to) = config("forward_to") {
-            publish(&to, &msg.payload, &[])?;
+        if let Some(to) = forward_to() {
+            publish(to, &msg.payload, &[])?;
         }
         Ok(())
     }
