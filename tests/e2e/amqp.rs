@@ -60,6 +60,18 @@ async fn publish(ch: &Channel, exchange: &str, key: &str, id: &str, body: &str) 
     Ok(())
 }
 
+/// Publish `ids` to `queue` (`{}` bodies) and wait until handler `count`
+/// has acked `acked` messages in all.
+async fn publish_until_acked(host: &Host, ch: &Channel, queue: &str, ids: &[String], acked: u64) -> Result {
+    for id in ids {
+        publish(ch, "", queue, id, "{}").await?;
+    }
+    host.wait_for(&format!("{acked} messages acked"), LONG, || async {
+        Ok(host.outcome_count("count", "acked").await? == acked)
+    })
+    .await
+}
+
 /// Messages ready in `queue` (declares it passively).
 async fn ready(ch: &Channel, queue: &str) -> Result<u32> {
     let q = ch
@@ -380,19 +392,48 @@ async fn amqp_queue_deleted_under_the_host_is_declared_again() -> Result {
         }
     })
     .await?;
-    for i in 0..5 {
-        publish(&ch, "", &q, &format!("after{i}"), "{}").await?;
-    }
-    host.wait_for("the messages sent after", LONG, || async {
-        Ok(host.outcome_count("count", "acked").await? == 6)
-    })
-    .await?;
+    let after: Vec<String> = (0..5).map(|i| format!("after{i}")).collect();
+    publish_until_acked(&host, &ch, &q, &after, 6).await?;
     assert_eq!(host.terminate()?, 0);
     let db = setup.open()?;
-    db.assert_every_message_handled(
-        std::iter::once("before".to_string()).chain((0..5).map(|i| format!("after{i}"))),
-        0,
+    db.assert_every_message_handled(std::iter::once("before".to_string()).chain(after), 0);
+    Ok(())
+}
+
+/// A handler whose queue does not exist fails on its own channel (the
+/// server closes it with `NOT_FOUND`), again and again. The host keeps its
+/// one connection for that (it declares the topology again on it), so the
+/// other handler on the broker carries on over the same connection. Before,
+/// each failure made a new connection and declared everything again.
+#[tokio::test]
+async fn amqp_a_missing_queue_fails_its_own_channel_not_the_connection() -> Result {
+    let _turn = SERIAL.lock().await;
+    let url = url();
+    let Some(ch) = connect(&url).await else { return Ok(()) };
+    let p = prefix();
+    let q = format!("{p}.jobs");
+    let manifest = format!(
+        "{}{}",
+        one_queue(&url, &p, "ok", ""),
+        on_mq(handler("lost", "ok", &format!("{p}.missing"), "")),
     );
+    let setup = Setup::new(&manifest)?;
+    let host = setup.start().await?;
+    host.wait_for("three failed consumes of the missing queue", LONG, || async {
+        Ok(host.logs().matches("receive failed handler=lost").count() >= 3)
+    })
+    .await?;
+    let ids: Vec<String> = (0..5).map(|i| format!("m{i}")).collect();
+    publish_until_acked(&host, &ch, &q, &ids, 5).await?;
+    let logs = host.logs();
+    assert!(logs.contains("NOT_FOUND"), "{logs}");
+    assert_eq!(
+        logs.matches("connected to RabbitMQ").count(),
+        1,
+        "one connection for the whole run:\n{logs}"
+    );
+    assert_eq!(host.terminate()?, 0);
+    setup.open()?.assert_every_message_handled(ids, 0);
     Ok(())
 }
 

@@ -14,8 +14,10 @@
 //! dead-lettered) and redelivered: at-least-once, and dedup absorbs it.
 //!
 //! lapin does not reconnect by itself here: the connection is made lazily and
-//! remade (with the topology) after any failure; an ack on a dead channel is
-//! "outcome unknown" — the broker redelivers the message.
+//! remade (with the topology) after it fails; a source whose own channel
+//! fails on a live connection declares the topology again on it instead
+//! ([`AmqpBroker::channel_failed`]). An ack on a dead channel is "outcome
+//! unknown" — the broker redelivers the message.
 
 mod acks;
 
@@ -130,9 +132,7 @@ impl AmqpBroker {
         let conn = Connection::connect(&self.url, ConnectionProperties::default())
             .await
             .with_context(|| format!("connecting to RabbitMQ at {}", redact(&self.url)))?;
-        let channel = conn.create_channel().await?;
-        self.declare(&channel).await?;
-        let _ = channel.close(200, "topology declared".into()).await;
+        self.declare_on(&conn).await?;
         tracing::info!(url = %redact(&self.url), "connected to RabbitMQ; topology declared");
         let conn = Arc::new(conn);
         *slot = Some(conn.clone());
@@ -142,6 +142,36 @@ impl AmqpBroker {
     /// Forget the connection after a failure, so the next use reconnects.
     async fn broken(&self) {
         *self.conn.lock().await = None;
+    }
+
+    /// A source's channel failed: opening its consumer, or while consuming.
+    /// If the connection is still up, the failure was that channel's alone
+    /// (a queue deleted under the host or never made, access refused: the
+    /// server closes the channel, not the connection). Then declare the
+    /// topology again on the same connection, which brings back a deleted
+    /// queue, and leave the connection, and every other source's and sink's
+    /// channel on it, alone. Before, any such failure forgot the connection:
+    /// one handler consuming a missing queue made the host open a new
+    /// connection (and declare everything again) at every retry.
+    async fn channel_failed(&self) {
+        let live = self.conn.lock().await.clone().filter(|c| c.status().connected());
+        let Some(conn) = live else {
+            self.broken().await;
+            return;
+        };
+        if let Err(e) = self.declare_on(&conn).await {
+            tracing::warn!(url = %redact(&self.url), error = %format!("{e:#}"), "could not declare the RabbitMQ topology again; reconnecting");
+            self.broken().await;
+        }
+    }
+
+    /// Declare the topology on a channel of its own, closed afterwards (a
+    /// failed declare closes it anyway).
+    async fn declare_on(&self, conn: &Connection) -> Result<()> {
+        let channel = conn.create_channel().await?;
+        self.declare(&channel).await?;
+        let _ = channel.close(200, "topology declared".into()).await;
+        Ok(())
     }
 
     async fn declare(&self, ch: &Channel) -> Result<()> {
@@ -351,7 +381,7 @@ impl Source for AmqpSource {
             match self.open().await {
                 Ok(s) => *state = Some(s),
                 Err(e) => {
-                    self.broker.broken().await;
+                    self.broker.channel_failed().await;
                     return Err(e);
                 }
             }
@@ -376,7 +406,7 @@ impl Source for AmqpSource {
             }
             Ok(Some(Err(e))) => {
                 *state = None;
-                self.broker.broken().await;
+                self.broker.channel_failed().await;
                 return Err(anyhow!(e).context(format!("consuming {}", self.queue)));
             }
             Ok(Some(Ok(d))) => out.push(self.delivery(d, &acks)),
