@@ -508,6 +508,12 @@ fn parse_entries(v: Value) -> Vec<Entry> {
         .collect()
 }
 
+/// The entries in the second place of an array reply: a stream's in
+/// XREADGROUP's `[stream, entries]`, XAUTOCLAIM's `[cursor, entries, ...]`.
+fn second_entries(v: Value) -> Vec<Entry> {
+    into_array(v).into_iter().nth(1).map(parse_entries).unwrap_or_default()
+}
+
 /// XREADGROUP reply (RESP2: `[[stream, entries]]`, or nil).
 fn parse_read(v: Value) -> Vec<Entry> {
     match v {
@@ -515,10 +521,7 @@ fn parse_read(v: Value) -> Vec<Entry> {
             .into_iter()
             .flat_map(|(_, entries)| parse_entries(entries))
             .collect(),
-        v => into_array(v)
-            .into_iter()
-            .flat_map(|s| into_array(s).into_iter().nth(1).map(parse_entries).unwrap_or_default())
-            .collect(),
+        v => into_array(v).into_iter().flat_map(second_entries).collect(),
     }
 }
 
@@ -830,11 +833,7 @@ impl StreamSource {
                 )
                 .await?;
             // [next cursor, entries, deleted ids]
-            let entries = into_array(reply)
-                .into_iter()
-                .nth(1)
-                .map(parse_entries)
-                .unwrap_or_default();
+            let entries = second_entries(reply);
             if !entries.is_empty() {
                 let out = self.deliver_counted(entries).await?;
                 if !out.is_empty() {
