@@ -2,7 +2,8 @@
 //!
 //! Each binding holds its component behind an `ArcSwap`, so replacing a
 //! handler's code is one pointer swap: attempts already running keep the
-//! component they started with, the next attempt gets the new one.
+//! component they started with, the next attempt gets the new one
+//! ([`crate::reload`] decides when).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,11 +33,14 @@ impl Registry {
         self.bindings.values()
     }
 
-    /// Replace the component `handler` runs; false if there is no such handler.
+    /// Replace the component `handler` runs; false if there is no such
+    /// handler. The old one's warm instances are dropped (now, or as their
+    /// attempts end), so the two never hold more than the handler's
+    /// concurrency between them.
     pub fn swap_component(&self, handler: &str, component: LoadedComponent) -> bool {
         match self.bindings.get(handler) {
             Some(b) => {
-                b.component.store(Arc::new(component));
+                b.component.swap(Arc::new(component)).retire();
                 true
             }
             None => false,

@@ -158,8 +158,12 @@ pub struct LoadedComponent {
     /// Hex sha256 of the component bytes.
     pub digest: String,
     /// Instances waiting for their next message, for handlers with
-    /// `instance_reuse` > 1. Dropped with the component (a reload).
+    /// `instance_reuse` > 1. Emptied when a reload replaces the component.
     idle: std::sync::Mutex<Vec<Warm>>,
+    /// Replaced by a reload: its instances are dropped, not kept, so the
+    /// old and the new component never hold more instances between them
+    /// than the handler's concurrency.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// An instance that handled a message cleanly and may handle more.
@@ -181,7 +185,23 @@ impl LoadedComponent {
     }
 
     fn put_warm(&self, warm: Warm) {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).push(warm);
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        // Checked under the lock `retire` empties the list under, so an
+        // instance is either dropped here or by `retire`, never kept.
+        if !self.retired.load(std::sync::atomic::Ordering::Acquire) {
+            idle.push(warm);
+        }
+    }
+
+    /// This component was replaced (a reload): drop its waiting instances
+    /// now, and each running one when its attempt ends.
+    pub fn retire(&self) {
+        let idle = {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            self.retired.store(true, std::sync::atomic::Ordering::Release);
+            std::mem::take(&mut *idle)
+        };
+        drop(idle);
     }
 }
 
@@ -298,6 +318,7 @@ impl Runtime {
             pre,
             digest,
             idle: Default::default(),
+            retired: Default::default(),
         })
     }
 
