@@ -269,6 +269,7 @@ impl App {
             }
         }
         let sweeper = tokio::spawn(sweep(self.store.clone()));
+        let reloader = crate::reload::start(self.clone(), shutdown.stop.clone());
         self.ready.store(true, Ordering::SeqCst);
         tracing::info!(handlers = self.manifest.handlers.len(), "wharf running");
 
@@ -290,6 +291,7 @@ impl App {
             b.flush().await;
         }
         sweeper.abort();
+        let _ = reloader.await;
         let _ = server.await;
         tracing::info!("wharf stopped");
         Ok(())

@@ -16,7 +16,8 @@
 //!    outbox → [`broker::Sink`], dedup mark, and ack — or retry with backoff,
 //!    or dead-letter — through the delivery's [`broker::Acker`].
 //! 4. [`server`] is how producers and operators reach the host over HTTP;
-//!    [`cli`] is the `wharf` command.
+//!    [`cli`] is the `wharf` command; [`reload`] swaps a handler's component
+//!    while it runs (SIGHUP, or its file changing).
 
 pub mod app;
 pub mod broker;
@@ -25,6 +26,7 @@ pub mod delivery;
 pub mod kv;
 pub mod manifest;
 pub mod registry;
+pub mod reload;
 pub mod runtime;
 pub mod server;
 pub mod store;

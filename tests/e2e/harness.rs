@@ -63,10 +63,16 @@ impl Setup {
     /// Write `handlers` (TOML for the `[handlers.*]` and `[tenants.*]`
     /// tables) under a `[host]` table with a free port and the folder's data dir.
     pub fn new(handlers: &str) -> Result<Self> {
+        Self::with_host("", handlers)
+    }
+
+    /// [`Setup::new`] with more `[host]` settings (`host`: TOML lines).
+    pub fn with_host(host: &str, handlers: &str) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let manifest = dir.path().join("wharf.toml");
-        let text =
-            format!("[host]\ndata_dir = \"data\"\nhttp = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n\n{handlers}");
+        let text = format!(
+            "[host]\ndata_dir = \"data\"\nhttp = \"127.0.0.1:0\"\nshutdown_grace_ms = 5000\n{host}\n{handlers}"
+        );
         std::fs::write(&manifest, text)?;
         Ok(Self { dir, manifest })
     }
@@ -289,13 +295,11 @@ impl Host {
 
     /// The value of counter `wharf_messages_total{handler,outcome}` (0 if absent).
     pub async fn outcome_count(&self, handler: &str, outcome: &str) -> Result<u64> {
-        let text = self.metrics().await?;
-        let needle = format!("wharf_messages_total{{handler=\"{handler}\",outcome=\"{outcome}\"}} ");
-        Ok(text
-            .lines()
-            .find_map(|l| l.strip_prefix(&needle))
-            .map(|v| v.trim().parse().unwrap_or(0))
-            .unwrap_or(0))
+        self.counter(
+            "wharf_messages_total",
+            &format!("handler=\"{handler}\",outcome=\"{outcome}\""),
+        )
+        .await
     }
 
     /// Wait until no subject has ready or pending messages (dead letters may remain).
@@ -342,8 +346,25 @@ impl Host {
 
     /// Send SIGTERM and return at once.
     pub fn sigterm(&self) {
+        self.signal(libc::SIGTERM);
+    }
+
+    /// Send `signal` and return at once.
+    pub fn signal(&self, signal: i32) {
         // SAFETY: sending a signal to our own child process.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
+    /// The value of the counter `name{labels}` (0 if absent); `labels` as
+    /// the exposition writes them, e.g. `handler="h",outcome="acked"`.
+    pub async fn counter(&self, name: &str, labels: &str) -> Result<u64> {
+        let text = self.metrics().await?;
+        let needle = format!("{name}{{{labels}}} ");
+        Ok(text
+            .lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .map(|v| v.trim().parse().unwrap_or(0))
+            .unwrap_or(0))
     }
 
     /// The exit code, if the host has exited.

@@ -6,6 +6,7 @@ mod engine;
 mod harness;
 mod nats;
 mod redis;
+mod reload;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,6 +22,7 @@ fn every_test_program_is_used() {
         include_str!("main.rs"),
         include_str!("redis.rs"),
         include_str!("nats.rs"),
+        include_str!("reload.rs"),
     ]
     .concat();
     let bin = workspace().join("tests/programs/src/bin");

@@ -8,7 +8,7 @@
 //!
 //! | table | what it configures |
 //! |---|---|
-//! | `[host]` | data folder, HTTP listener, shutdown grace |
+//! | `[host]` | data folder, HTTP listener, shutdown grace, component watching |
 //! | `[brokers.<name>]` | broker connections; `embedded` always exists |
 //! | `[tenants.<name>]` | per-tenant ceilings: concurrency, memory, timeout, publish grants, key-value quota |
 //! | `[handlers.<name>]` | component, source, limits, retry, dead-letter, dedup, rate limit, config, grants |
@@ -70,6 +70,10 @@ pub struct HostConfig {
     /// for redelivery. Default 10000.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Reload a handler's component when its file changes (SIGHUP reloads
+    /// whether or not this is on). Default true.
+    #[serde(default = "default_watch")]
+    pub watch: bool,
 }
 
 impl Default for HostConfig {
@@ -78,6 +82,7 @@ impl Default for HostConfig {
             data_dir: default_data_dir(),
             http: default_http(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
+            watch: default_watch(),
         }
     }
 }
@@ -412,6 +417,10 @@ fn default_data_dir() -> PathBuf {
 fn default_http() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8480))
 }
+fn default_watch() -> bool {
+    true
+}
+
 fn default_shutdown_grace_ms() -> u64 {
     10_000
 }
