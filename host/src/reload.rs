@@ -16,6 +16,9 @@
 //! did not change (a `touch`, a copy of the same build) changes nothing.
 //!
 //! What triggers a reload:
+//! - `POST /v1/handlers/{name}/reload` (`wharf reload <name>`): that
+//!   handler, answering with what happened, so a deploy script learns that
+//!   its build was refused and why;
 //! - SIGHUP: every handler whose file changed;
 //! - with `[host] watch = true` (the default), a change to a component file
 //!   (written in place, or renamed over it, or a symlink replaced), seen by
@@ -28,7 +31,7 @@
 //! source) is read once, at start-up: changing it takes a restart, which
 //! loses nothing either (graceful shutdown releases what is in flight).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,8 +61,9 @@ pub enum Reloaded {
 
 /// Load `handler`'s component file again and, if it changed and loads,
 /// make it the one the handler runs. On an error the handler keeps its
-/// component.
-pub async fn reload(app: &App, handler: &str) -> Result<Reloaded> {
+/// component. One reload at a time, whatever asked for it.
+async fn reload(app: &App, handler: &str) -> Result<Reloaded> {
+    let _one_at_a_time = app.reloading.lock().await;
     let spec = app
         .manifest
         .handlers
@@ -83,15 +87,18 @@ pub async fn reload(app: &App, handler: &str) -> Result<Reloaded> {
     Ok(Reloaded::Replaced { from, to })
 }
 
-/// [`reload`], logged and counted (`wharf_reloads_total{handler,outcome}`).
-async fn reload_logged(app: &App, handler: &str) {
+/// Reload `handler` (see the module doc), logged and counted
+/// (`wharf_reloads_total{handler,outcome}`): what SIGHUP, the file watcher
+/// and `POST /v1/handlers/{name}/reload` all call.
+pub async fn reload_logged(app: &App, handler: &str) -> Result<Reloaded> {
     let component = app
         .manifest
         .handlers
         .get(handler)
         .map(|h| h.component.display().to_string());
     let component = component.unwrap_or_default();
-    let outcome = match reload(app, handler).await {
+    let reloaded = reload(app, handler).await;
+    let outcome = match &reloaded {
         Ok(Reloaded::Unchanged) => {
             tracing::debug!(handler, %component, "component unchanged; nothing to reload");
             "unchanged"
@@ -106,6 +113,7 @@ async fn reload_logged(app: &App, handler: &str) {
         }
     };
     metrics::counter!("wharf_reloads_total", "handler" => handler.to_string(), "outcome" => outcome).increment(1);
+    reloaded
 }
 
 /// Reload on SIGHUP, and on changes to component files when the manifest
@@ -119,7 +127,7 @@ pub fn start(app: Arc<App>, stop: CancellationToken) -> tokio::task::JoinHandle<
         .ok();
     let (tx, changed) = mpsc::unbounded_channel();
     let watcher = if app.manifest.host.watch {
-        watch(&app, tx)
+        watch(app.manifest.handlers.values().map(|h| h.component.as_path()), tx)
             .map_err(|e| tracing::warn!(error = %format!("{e:#}"), "cannot watch component files; reload with SIGHUP"))
             .ok()
     } else {
@@ -155,7 +163,8 @@ async fn run(
             }
         };
         for handler in handlers {
-            reload_logged(app, &handler).await;
+            // Logged and counted there; nothing more to do with the result.
+            let _ = reload_logged(app, &handler).await;
         }
     }
 }
@@ -172,29 +181,83 @@ fn handlers_of(app: &App, paths: &BTreeSet<PathBuf>) -> BTreeSet<String> {
 
 /// Watch the folders holding the components (a file renamed over a
 /// component is an event of its folder, not of the old file) and send the
-/// path of every component file that changed.
-fn watch(app: &App, tx: mpsc::UnboundedSender<PathBuf>) -> Result<notify::RecommendedWatcher> {
+/// manifest's path of every component file that changed.
+///
+/// Folders are watched by their canonical path, and events matched on it:
+/// the manifest's paths may be relative or hold `..`, and the watcher
+/// reports its own form of them. (So a folder that is itself a symlink
+/// being switched to another is not seen; `wharf reload` or SIGHUP is.)
+fn watch<'a>(
+    components: impl IntoIterator<Item = &'a Path>,
+    tx: mpsc::UnboundedSender<PathBuf>,
+) -> Result<notify::RecommendedWatcher> {
     use notify::{EventKind, RecursiveMode, Watcher};
-    let components: BTreeSet<PathBuf> = app.manifest.handlers.values().map(|h| h.component.clone()).collect();
-    let folders: BTreeSet<&Path> = components.iter().filter_map(|c| c.parent()).collect();
-    let wanted = components.clone();
+    // The canonical path of each component file's place, with the manifest's.
+    let mut wanted: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
+    for component in components {
+        let (Some(folder), Some(name)) = (component.parent(), component.file_name()) else {
+            continue;
+        };
+        let folder = if folder.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            folder
+        };
+        let folder =
+            std::fs::canonicalize(folder).with_context(|| format!("finding the folder of {}", component.display()))?;
+        wanted.insert(folder.join(name), component.to_path_buf());
+    }
+    let folders: BTreeSet<PathBuf> = wanted
+        .keys()
+        .filter_map(|p| p.parent().map(Path::to_path_buf))
+        .collect();
+    let files = wanted.len();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
         Ok(event) => {
             if matches!(event.kind, EventKind::Access(_)) {
                 return;
             }
-            for path in event.paths.into_iter().filter(|p| wanted.contains(p)) {
-                let _ = tx.send(path);
+            for path in event.paths.iter().filter_map(|p| wanted.get(p)) {
+                let _ = tx.send(path.clone());
             }
         }
         Err(e) => tracing::warn!(error = %e, "watching component files"),
     })
     .context("starting the file watcher")?;
-    for folder in folders {
+    for folder in &folders {
         watcher
             .watch(folder, RecursiveMode::NonRecursive)
             .with_context(|| format!("watching {}", folder.display()))?;
     }
-    tracing::debug!(files = components.len(), "watching component files for changes");
+    tracing::debug!(files, folders = folders.len(), "watching component files for changes");
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A component named by a relative path with `..` in it (a manifest
+    /// given as a relative path resolves to one): its changes are seen,
+    /// and reported by the path the manifest has.
+    #[tokio::test]
+    async fn a_relative_path_with_dot_dots_is_watched() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("handler.wasm");
+        std::fs::write(&file, b"v1")?;
+        // From the working folder up to the root, then down to the file.
+        let cwd = std::env::current_dir()?;
+        let up = cwd.components().count() - 1;
+        let mut relative: PathBuf = std::iter::repeat_n("..", up).collect();
+        relative.push(file.strip_prefix("/")?);
+        assert!(relative.is_relative());
+
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let _watcher = watch([relative.as_path()], tx)?;
+        std::fs::write(dir.path().join("other.wasm"), b"not watched")?;
+        std::fs::write(&file, b"v2")?;
+        let seen = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await?;
+        assert_eq!(seen.as_deref(), Some(relative.as_path()));
+        Ok(())
+    }
 }

@@ -29,7 +29,8 @@ pub const EMBEDDED_BROKER: &str = "embedded";
 /// The tenant handlers belong to when they name none.
 pub const DEFAULT_TENANT: &str = "default";
 
-/// A parsed, validated manifest. Paths in it are absolute.
+/// A parsed, validated manifest. Its relative paths are resolved against
+/// the manifest's folder (so they are absolute when the manifest's path is).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
