@@ -48,6 +48,8 @@ pub struct App {
     pub brokers: BTreeMap<String, Broker>,
     /// True once every consumer is running, false again on shutdown.
     pub ready: AtomicBool,
+    /// Held by the reload under way: one at a time ([`crate::reload`]).
+    pub reloading: tokio::sync::Mutex<()>,
 }
 
 /// Build the runtime a manifest needs (also used by `wharf check`).
@@ -221,6 +223,7 @@ impl App {
             registry,
             brokers,
             ready: AtomicBool::new(false),
+            reloading: Default::default(),
         }))
     }
 

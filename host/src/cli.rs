@@ -79,6 +79,21 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// List the handlers of a running host with the digest of the component
+    /// each runs.
+    Handlers {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Load handlers' component files again in a running host; fails (and
+    /// says why) if one is refused, which then keeps its component.
+    Reload {
+        #[command(flatten)]
+        target: Target,
+        /// The handlers to reload.
+        #[arg(required = true)]
+        handlers: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -131,6 +146,10 @@ pub fn run(cli: Cli) -> ExitCode {
             )
         }
         Command::Queues { target } => remote(&target, reqwest::Method::GET, "/v1/queues", &[]),
+        Command::Handlers { target } => remote(&target, reqwest::Method::GET, "/v1/handlers", &[]),
+        Command::Reload { target, handlers } => handlers
+            .iter()
+            .try_for_each(|h| remote(&target, reqwest::Method::POST, &format!("/v1/handlers/{h}/reload"), &[])),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -7,6 +7,8 @@
 //! | `GET /v1/queues` | depth of every subject and dead-letter queue |
 //! | `GET /v1/dlq/{queue}` | dead letters with their headers |
 //! | `POST /v1/dlq/{queue}/replay?id=` | move dead letters (all, or one) back to their subject |
+//! | `GET /v1/handlers` | every handler: tenant, component file, digest of the component running |
+//! | `POST /v1/handlers/{name}/reload` | load the handler's component file again ([`crate::reload`]); 200 with what happened, 422 with the reason it was refused |
 //! | `GET /healthz` | 200 while the process serves |
 //! | `GET /readyz` | 200 once consuming, 503 before and during shutdown |
 //! | `GET /metrics` | Prometheus text |
@@ -52,6 +54,8 @@ pub async fn serve(listener: tokio::net::TcpListener, app: Arc<App>, stop: Cance
         .route("/v1/queues", get(queues))
         .route("/v1/dlq/{queue}", get(dlq_list))
         .route("/v1/dlq/{queue}/replay", post(dlq_replay))
+        .route("/v1/handlers", get(handlers))
+        .route("/v1/handlers/{name}/reload", post(reload))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -142,6 +146,44 @@ async fn dlq_replay(State(ctx): State<Ctx>, Path(queue): Path<String>, Query(q):
     match ctx.app.broker.replay(&queue, q.id).await {
         Ok(n) => Json(json!({ "replayed": n })).into_response(),
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")),
+    }
+}
+
+async fn handlers(State(ctx): State<Ctx>) -> Response {
+    let app = &ctx.app;
+    let list: Vec<_> = app
+        .manifest
+        .handlers
+        .iter()
+        .filter_map(|(name, h)| {
+            let binding = app.registry.get(name)?;
+            Some(json!({
+                "name": name,
+                "tenant": h.tenant,
+                "component": h.component.display().to_string(),
+                "digest": binding.component.load().digest,
+            }))
+        })
+        .collect();
+    Json(list).into_response()
+}
+
+async fn reload(State(ctx): State<Ctx>, Path(name): Path<String>) -> Response {
+    if ctx.app.registry.get(&name).is_none() {
+        return error(StatusCode::NOT_FOUND, format!("no handler {name:?}"));
+    }
+    match crate::reload::reload_logged(&ctx.app, &name).await {
+        Ok(crate::reload::Reloaded::Replaced { from, to }) => {
+            Json(json!({ "handler": name, "outcome": "replaced", "from": from, "to": to })).into_response()
+        }
+        Ok(crate::reload::Reloaded::Unchanged) => {
+            let digest = ctx.app.registry.get(&name).map(|b| b.component.load().digest.clone());
+            Json(json!({ "handler": name, "outcome": "unchanged", "digest": digest })).into_response()
+        }
+        Err(e) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("handler {name:?} keeps its component: {e:#}"),
+        ),
     }
 }
 

@@ -136,32 +136,55 @@ async fn a_component_replaced_under_load_runs_every_message_once() -> Result {
     Ok(())
 }
 
-/// With file watching off, SIGHUP reloads. A file that is not a component,
-/// or a component that is not a handler, is refused with the handler, the
-/// file and the reason, and the handler keeps its code; an unchanged file
-/// changes nothing.
+/// With file watching off, SIGHUP and `wharf reload` reload. A file that is
+/// not a component, or a component that is not a handler, is refused with
+/// the handler, the file and the reason, and the handler keeps its code;
+/// an unchanged file changes nothing; `wharf handlers` shows what runs.
 #[tokio::test]
-async fn sighup_reloads_and_a_bad_component_is_refused_with_its_reason() -> Result {
+async fn sighup_and_wharf_reload_refuse_a_bad_component_with_its_reason() -> Result {
+    use sha2::Digest;
     let dir = tempfile::tempdir()?;
     let component = own_copy(dir.path(), "ok")?;
     let setup = Setup::with_host("watch = false\n", &manifest(&component, ""))?;
     let host = setup.start().await?;
+    let reload = |handler: &str| wharf(&["reload", "--url", &host.url, handler]);
+
     // Not watching: a change alone does nothing.
     replace(&component, b"not a component")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(reloads(&host, "failed").await?, 0, "reloaded without SIGHUP");
+    assert_eq!(reloads(&host, "failed").await?, 0, "reloaded without being asked");
 
     sighup(&host, 1, 0, 0).await?;
     replace(&component, &std::fs::read(program("no_handler"))?)?;
-    sighup(&host, 2, 0, 0).await?;
+    let (code, out, err) = reload("h")?;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("422") && err.contains("keeps its component") && err.contains("does not export"),
+        "{err}"
+    );
+    assert_eq!(reloads(&host, "failed").await?, 2);
     for i in 0..5 {
         host.publish("jobs", "{}", Some(&format!("old{i}"))).await?;
     }
     host.wait_drained(LONG).await?;
 
-    replace(&component, &std::fs::read(program("reloaded"))?)?;
+    let new_build = std::fs::read(program("reloaded"))?;
+    replace(&component, &new_build)?;
     sighup(&host, 2, 1, 0).await?;
-    sighup(&host, 2, 1, 1).await?;
+    let (code, out, err) = reload("h")?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("\"unchanged\""), "{out}");
+    assert_eq!(reloads(&host, "unchanged").await?, 1);
+    let (code, out, err) = reload("nosuch")?;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("404") && err.contains("no handler \\\"nosuch\\\""),
+        "{err}"
+    );
+    let (code, out, err) = wharf(&["handlers", "--url", &host.url])?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&hex::encode(sha2::Sha256::digest(&new_build))), "{out}");
+
     for i in 0..5 {
         host.publish("jobs", "{}", Some(&format!("new{i}"))).await?;
     }
