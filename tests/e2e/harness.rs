@@ -263,6 +263,40 @@ impl Host {
         Ok(v["id"].as_str().unwrap_or_default().to_string())
     }
 
+    /// Publish `{}` as ids `m0`..`m{count - 1}` to `subject` through the
+    /// HTTP API from ten clients at once.
+    pub async fn publish_many(&self, subject: &str, count: usize) -> Result {
+        self.publishing_many(subject, count).await?
+    }
+
+    /// [`Host::publish_many`] in the background: await the handle for its end.
+    pub fn publishing_many(&self, subject: &str, count: usize) -> tokio::task::JoinHandle<Result> {
+        const CLIENTS: usize = 10;
+        let (url, subject) = (self.url.clone(), subject.to_string());
+        tokio::spawn(async move {
+            let mut clients = tokio::task::JoinSet::new();
+            for first in 0..CLIENTS {
+                let (url, subject) = (url.clone(), subject.clone());
+                clients.spawn(async move {
+                    let client = reqwest::Client::new();
+                    for i in (first..count).step_by(CLIENTS) {
+                        let resp = client
+                            .post(format!("{url}/v1/publish/{subject}?id=m{i}"))
+                            .body("{}")
+                            .send()
+                            .await?;
+                        anyhow::ensure!(resp.status().as_u16() == 202, "publish m{i}: {}", resp.status());
+                    }
+                    Ok(())
+                });
+            }
+            while let Some(r) = clients.join_next().await {
+                r??;
+            }
+            Ok(())
+        })
+    }
+
     pub async fn stats(&self) -> Result<Vec<QueueStats>> {
         Ok(self
             .client

@@ -378,25 +378,7 @@ async fn sigkill_mid_load_then_restart_loses_nothing() -> Result {
         &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 1000\n[handlers.count.dedup]\nttl_secs = 3600\n"),
     ))?;
     let host = setup.start().await?;
-    let mut publishers = tokio::task::JoinSet::new();
-    for chunk in 0..10 {
-        let url = host.url.clone();
-        publishers.spawn(async move {
-            let client = reqwest::Client::new();
-            for i in (chunk..MESSAGES).step_by(10) {
-                let resp = client
-                    .post(format!("{url}/v1/publish/jobs?id=m{i}"))
-                    .body("{}")
-                    .send()
-                    .await?;
-                anyhow::ensure!(resp.status().as_u16() == 202);
-            }
-            Ok::<_, anyhow::Error>(())
-        });
-    }
-    while let Some(r) = publishers.join_next().await {
-        r??;
-    }
+    host.publish_many("jobs", MESSAGES).await?;
     host.wait_for("some progress", LONG, || async {
         Ok(host.outcome_count("count", "acked").await? >= 200)
     })

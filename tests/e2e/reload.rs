@@ -63,22 +63,7 @@ async fn a_component_replaced_under_load_runs_every_message_once() -> Result {
         &format!("concurrency = {CONCURRENCY}\ninstance_reuse = 5\n"),
     ))?;
     let host = setup.start().await?;
-    let mut publishers = tokio::task::JoinSet::new();
-    for chunk in 0..8 {
-        let url = host.url.clone();
-        publishers.spawn(async move {
-            let client = reqwest::Client::new();
-            for i in (chunk..MESSAGES).step_by(8) {
-                let resp = client
-                    .post(format!("{url}/v1/publish/jobs?id=m{i}"))
-                    .body("{}")
-                    .send()
-                    .await?;
-                anyhow::ensure!(resp.status().as_u16() == 202);
-            }
-            Ok::<_, anyhow::Error>(())
-        });
-    }
+    let publishers = host.publishing_many("jobs", MESSAGES);
     host.wait_for("some progress", LONG, || async {
         Ok(host.outcome_count("h", "acked").await? >= 50)
     })
@@ -96,9 +81,7 @@ async fn a_component_replaced_under_load_runs_every_message_once() -> Result {
         left > old_at_most,
         "only {left} messages were left when the reload came; the test proves nothing"
     );
-    while let Some(r) = publishers.join_next().await {
-        r??;
-    }
+    publishers.await??;
     host.wait_drained(LONG).await?;
     // Sent after the reload was reported: only the new build may run them.
     for i in 0..20 {
