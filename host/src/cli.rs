@@ -38,7 +38,8 @@ struct Target {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the handlers of a manifest until SIGTERM or SIGINT (twice: at once).
+    /// Run the handlers of a manifest until SIGTERM or SIGINT (twice: at
+    /// once). SIGHUP reloads the handlers whose component file changed.
     Run {
         /// The manifest.
         manifest: PathBuf,
