@@ -175,6 +175,11 @@ fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
 fn run_host(path: &Path) -> Result<()> {
     let manifest = load_manifest(path)?;
     tokio_runtime()?.block_on(async {
+        // SIGHUP reloads once the host runs; until then (components loading,
+        // brokers connecting) its default action would end the process.
+        // tokio keeps a signal's handler installed for the life of the
+        // process once it is asked for, so asking now turns that off.
+        let _ = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
         let app = App::new(manifest).await?;
         let shutdown = Shutdown::default();
         tokio::spawn(watch_signals(shutdown.clone()));
