@@ -192,8 +192,9 @@ fn watch<'a>(
     tx: mpsc::UnboundedSender<PathBuf>,
 ) -> Result<notify::RecommendedWatcher> {
     use notify::{EventKind, RecursiveMode, Watcher};
-    // The canonical path of each component file's place, with the manifest's.
-    let mut wanted: BTreeMap<PathBuf, PathBuf> = BTreeMap::new();
+    // The canonical path of each component file's place, with the manifest's
+    // spellings of it (two handlers may name one file two ways).
+    let mut wanted: BTreeMap<PathBuf, BTreeSet<PathBuf>> = BTreeMap::new();
     for component in components {
         let (Some(folder), Some(name)) = (component.parent(), component.file_name()) else {
             continue;
@@ -205,7 +206,10 @@ fn watch<'a>(
         };
         let folder =
             std::fs::canonicalize(folder).with_context(|| format!("finding the folder of {}", component.display()))?;
-        wanted.insert(folder.join(name), component.to_path_buf());
+        wanted
+            .entry(folder.join(name))
+            .or_default()
+            .insert(component.to_path_buf());
     }
     let folders: BTreeSet<PathBuf> = wanted
         .keys()
@@ -217,7 +221,7 @@ fn watch<'a>(
             if matches!(event.kind, EventKind::Access(_)) {
                 return;
             }
-            for path in event.paths.iter().filter_map(|p| wanted.get(p)) {
+            for path in event.paths.iter().filter_map(|p| wanted.get(p)).flatten() {
                 let _ = tx.send(path.clone());
             }
         }
@@ -239,9 +243,10 @@ mod tests {
 
     /// A component named by a relative path with `..` in it (a manifest
     /// given as a relative path resolves to one): its changes are seen,
-    /// and reported by the path the manifest has.
+    /// and reported by the path the manifest has; by each path, when two
+    /// handlers name the same file differently.
     #[tokio::test]
-    async fn a_relative_path_with_dot_dots_is_watched() -> Result<()> {
+    async fn a_relative_path_with_dot_dots_and_a_second_spelling_are_watched() -> Result<()> {
         let dir = tempfile::tempdir()?;
         let file = dir.path().join("handler.wasm");
         std::fs::write(&file, b"v1")?;
@@ -253,11 +258,16 @@ mod tests {
         assert!(relative.is_relative());
 
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let _watcher = watch([relative.as_path()], tx)?;
+        // The same file by its absolute path too, as a second handler might.
+        let _watcher = watch([relative.as_path(), file.as_path()], tx)?;
         std::fs::write(dir.path().join("other.wasm"), b"not watched")?;
         std::fs::write(&file, b"v2")?;
-        let seen = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await?;
-        assert_eq!(seen.as_deref(), Some(relative.as_path()));
+        let mut seen = BTreeSet::new();
+        while seen.len() < 2 {
+            let path = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await?;
+            seen.extend(path);
+        }
+        assert_eq!(seen, BTreeSet::from([relative, file]));
         Ok(())
     }
 }
