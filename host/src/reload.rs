@@ -41,6 +41,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::App;
+use crate::runtime::ComponentFile;
 
 /// How long the watcher waits after a file's last change before reading it.
 pub const SETTLE: Duration = Duration::from_millis(300);
@@ -48,8 +49,11 @@ pub const SETTLE: Duration = Duration::from_millis(300);
 /// What a reload of one handler did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Reloaded {
-    /// The file holds the component already running.
-    Unchanged,
+    /// The file holds the component already running (nothing was loaded).
+    Unchanged {
+        /// Its digest.
+        digest: String,
+    },
     /// The new component runs from the next attempt on.
     Replaced {
         /// Digest of the component it replaced.
@@ -73,18 +77,24 @@ async fn reload(app: &App, handler: &str) -> Result<Reloaded> {
         .registry
         .get(handler)
         .with_context(|| format!("no handler {handler:?}"))?;
-    let (runtime, path) = (app.runtime.clone(), spec.component.clone());
+    let running = binding.component.load().digest.clone();
+    let (runtime, path, same) = (app.runtime.clone(), spec.component.clone(), running.clone());
     // Compiling a component takes CPU seconds: not on the async threads.
-    let loaded = tokio::task::spawn_blocking(move || runtime.load(&path))
-        .await
-        .context("the loading thread failed")??;
-    let from = binding.component.load().digest.clone();
-    if loaded.digest == from {
-        return Ok(Reloaded::Unchanged);
-    }
+    let loaded = tokio::task::spawn_blocking(move || {
+        let file = ComponentFile::read(&path)?;
+        if file.digest == same {
+            return Ok(None);
+        }
+        runtime.load_file(file).map(Some)
+    })
+    .await
+    .context("the loading thread failed")??;
+    let Some(loaded) = loaded else {
+        return Ok(Reloaded::Unchanged { digest: running });
+    };
     let to = loaded.digest.clone();
     app.registry.swap_component(handler, loaded);
-    Ok(Reloaded::Replaced { from, to })
+    Ok(Reloaded::Replaced { from: running, to })
 }
 
 /// Reload `handler` (see the module doc), logged and counted
@@ -99,7 +109,7 @@ pub async fn reload_logged(app: &App, handler: &str) -> Result<Reloaded> {
     let component = component.unwrap_or_default();
     let reloaded = reload(app, handler).await;
     let outcome = match &reloaded {
-        Ok(Reloaded::Unchanged) => {
+        Ok(Reloaded::Unchanged { .. }) => {
             tracing::debug!(handler, %component, "component unchanged; nothing to reload");
             "unchanged"
         }

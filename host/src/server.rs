@@ -176,8 +176,7 @@ async fn reload(State(ctx): State<Ctx>, Path(name): Path<String>) -> Response {
         Ok(crate::reload::Reloaded::Replaced { from, to }) => {
             Json(json!({ "handler": name, "outcome": "replaced", "from": from, "to": to })).into_response()
         }
-        Ok(crate::reload::Reloaded::Unchanged) => {
-            let digest = ctx.app.registry.get(&name).map(|b| b.component.load().digest.clone());
+        Ok(crate::reload::Reloaded::Unchanged { digest }) => {
             Json(json!({ "handler": name, "outcome": "unchanged", "digest": digest })).into_response()
         }
         Err(e) => error(

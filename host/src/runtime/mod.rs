@@ -152,18 +152,40 @@ pub struct Runtime {
     ticker_stop: Arc<AtomicBool>,
 }
 
+/// A component file's bytes, as read, and their digest.
+pub struct ComponentFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+    /// Hex sha256 of the bytes: what [`LoadedComponent::digest`] will be.
+    pub digest: String,
+}
+
+impl ComponentFile {
+    /// Read the component file at `path`.
+    pub fn read(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading component {}", path.display()))?;
+        let digest = hex::encode(Sha256::digest(&bytes));
+        Ok(Self {
+            path: path.to_path_buf(),
+            bytes,
+            digest,
+        })
+    }
+}
+
 /// A component ready to instantiate.
 pub struct LoadedComponent {
     pre: bindings::HandlerWorldPre<StoreState>,
     /// Hex sha256 of the component bytes.
     pub digest: String,
     /// Instances waiting for their next message, for handlers with
-    /// `instance_reuse` > 1. Emptied when a reload replaces the component.
-    idle: std::sync::Mutex<Vec<Warm>>,
-    /// Replaced by a reload: its instances are dropped, not kept, so the
-    /// old and the new component never hold more instances between them
-    /// than the handler's concurrency.
-    retired: std::sync::atomic::AtomicBool,
+    /// `instance_reuse` > 1; `None` once a reload replaced the component,
+    /// whose instances are then dropped, not kept, so the old and the new
+    /// component never hold more instances between them than the handler's
+    /// concurrency.
+    idle: std::sync::Mutex<Option<Vec<Warm>>>,
 }
 
 /// An instance that handled a message cleanly and may handle more.
@@ -180,15 +202,16 @@ impl LoadedComponent {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // Only ever this handler's own instances (a component is loaded per
         // handler, so this is a guard, not a filter).
-        idle.pop()
+        idle.as_mut()?
+            .pop()
             .filter(|w| Arc::ptr_eq(&w.store.data().attempt.handler, handler))
     }
 
     fn put_warm(&self, warm: Warm) {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        // Checked under the lock `retire` empties the list under, so an
-        // instance is either dropped here or by `retire`, never kept.
-        if !self.retired.load(std::sync::atomic::Ordering::Acquire) {
+        // Retired: `warm` is dropped instead, after the lock (parameters
+        // drop after locals).
+        if let Some(idle) = idle.as_mut() {
             idle.push(warm);
         }
     }
@@ -196,12 +219,9 @@ impl LoadedComponent {
     /// This component was replaced (a reload): drop its waiting instances
     /// now, and each running one when its attempt ends.
     pub fn retire(&self) {
-        let idle = {
-            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            self.retired.store(true, std::sync::atomic::Ordering::Release);
-            std::mem::take(&mut *idle)
-        };
-        drop(idle);
+        let waiting = self.idle.lock().unwrap_or_else(|p| p.into_inner()).take();
+        // Dropped here, after the lock: tearing down instances takes a while.
+        drop(waiting);
     }
 }
 
@@ -276,8 +296,14 @@ impl Runtime {
     /// wrong, when it does not implement the handler world (missing or
     /// mistyped export, imports wharf does not provide).
     pub fn load(&self, path: &Path) -> Result<LoadedComponent> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading component {}", path.display()))?;
-        let digest = hex::encode(Sha256::digest(&bytes));
+        self.load_file(ComponentFile::read(path)?)
+    }
+
+    /// [`Runtime::load`] of a file already read (a reload reads it first, to
+    /// skip the loading when its digest is the one running).
+    pub fn load_file(&self, file: ComponentFile) -> Result<LoadedComponent> {
+        let ComponentFile { path, bytes, digest } = file;
+        let path = path.as_path();
         let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
         self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
         let cached = self
@@ -317,8 +343,7 @@ impl Runtime {
         Ok(LoadedComponent {
             pre,
             digest,
-            idle: Default::default(),
-            retired: Default::default(),
+            idle: std::sync::Mutex::new(Some(Vec::new())),
         })
     }
 
