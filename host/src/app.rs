@@ -215,6 +215,7 @@ impl App {
                 metrics: Default::default(),
             }));
         }
+        runtime.prune_cache(&registry.digests());
         Ok(Arc::new(Self {
             manifest,
             store,

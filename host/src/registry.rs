@@ -33,6 +33,14 @@ impl Registry {
         self.bindings.values()
     }
 
+    /// The digests of the components the handlers run now.
+    pub fn digests(&self) -> Vec<String> {
+        self.bindings
+            .values()
+            .map(|b| b.component.load().digest.clone())
+            .collect()
+    }
+
     /// Replace the component `handler` runs; false if there is no such
     /// handler. The old one's warm instances are dropped (now, or as their
     /// attempts end), so the two never hold more than the handler's

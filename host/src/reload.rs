@@ -94,6 +94,10 @@ async fn reload(app: &App, handler: &str) -> Result<Reloaded> {
     };
     let to = loaded.digest.clone();
     app.registry.swap_component(handler, loaded);
+    let (runtime, running_now) = (app.runtime.clone(), app.registry.digests());
+    // File system work: not on the async threads either. Awaited, so a
+    // reload that answered has also tidied up after itself.
+    let _ = tokio::task::spawn_blocking(move || runtime.prune_cache(&running_now)).await;
     Ok(Reloaded::Replaced { from: running, to })
 }
 

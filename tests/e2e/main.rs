@@ -762,7 +762,7 @@ async fn publish_and_log_caps_hold_per_attempt() -> Result {
 }
 
 #[tokio::test]
-async fn compiled_components_are_cached_and_tampered_artifacts_refused() -> Result {
+async fn compiled_components_are_cached_tampered_artifacts_refused_and_old_ones_pruned() -> Result {
     let setup = Setup::new(&handler("count", "ok", "jobs", ""))?;
     setup.start().await?.terminate()?;
     let cache = setup.data_dir().join("cache");
@@ -797,6 +797,35 @@ async fn compiled_components_are_cached_and_tampered_artifacts_refused() -> Resu
     host.wait_drained(LONG).await?;
     assert_eq!(host.outcome_count("count", "acked").await?, 1);
     host.terminate()?;
+
+    // Builds no handler runs (reloaded away, or of an older wharf): the 16
+    // used last are kept, older ones removed at start-up; the running one
+    // stays however long ago it was last used.
+    let set_used = |path: &std::path::Path, ago: Duration| -> std::io::Result<()> {
+        let f = std::fs::File::options().write(true).open(path)?;
+        f.set_modified(std::time::SystemTime::now() - ago)
+    };
+    let hour = Duration::from_secs(3600);
+    for i in 0..20u32 {
+        let artifact = cache.join(format!("{i:064x}-0000000000000000.cwasm"));
+        std::fs::write(&artifact, "old build")?;
+        std::fs::write(artifact.with_extension("sha256"), "checksum")?;
+        set_used(&artifact, hour * (i + 1))?;
+    }
+    set_used(&artifacts[0], hour * 48)?;
+    setup.start().await?.terminate()?;
+    let mut left: Vec<_> = std::fs::read_dir(&cache)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    left.sort();
+    let mut expected: Vec<_> = (0..16u32)
+        .map(|i| cache.join(format!("{i:064x}-0000000000000000.cwasm")))
+        .chain([artifacts[0].clone()])
+        .collect();
+    expected.sort();
+    assert_eq!(left, expected);
+    assert!(!cache.join(format!("{:064x}-0000000000000000.sha256", 19)).exists());
     Ok(())
 }
 

@@ -8,11 +8,11 @@
 //! | wall budget | `tokio::time::timeout` around the call | a guest parked in a host call is stopped too |
 //! | memory | [`host::MemoryCap`] per store | growth past `memory_mb` fails, reported as `memory` |
 //! | WASI | linked with nothing granted | Rust's std imports it; files, env, args, network stay closed |
-//! | cache | `<data_dir>/cache/<sha256(component)>-<engine hash>.cwasm` | restarts skip compilation; only files this host wrote, with a matching checksum, are deserialised |
+//! | cache | `<data_dir>/cache/<sha256(component)>-<engine hash>.cwasm` ([`cache`]) | restarts skip compilation; only files this host wrote, with a matching checksum, are deserialised; bounded to what runs and the last [`cache::SPARE`] others |
 
+mod cache;
 mod host;
 
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, HasSelf, Linker};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
 
+use cache::ComponentCache;
 pub use host::{AttemptLimits, HandlerContext, sanitize};
 use host::{STDIO_CAPACITY, StoreState};
 
@@ -148,7 +149,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<StoreState>,
     cpu_budget: bool,
-    cache_dir: PathBuf,
+    cache: ComponentCache,
     ticker_stop: Arc<AtomicBool>,
 }
 
@@ -280,13 +281,12 @@ impl Runtime {
             })
             .context("starting the epoch ticker")?;
 
-        std::fs::create_dir_all(&cfg.cache_dir)
-            .with_context(|| format!("creating the component cache {}", cfg.cache_dir.display()))?;
+        let cache = ComponentCache::open(cfg.cache_dir, &engine)?;
         Ok(Self {
             engine,
             linker,
             cpu_budget: cfg.cpu_budget,
-            cache_dir: cfg.cache_dir,
+            cache,
             ticker_stop,
         })
     }
@@ -304,13 +304,8 @@ impl Runtime {
     pub fn load_file(&self, file: ComponentFile) -> Result<LoadedComponent> {
         let ComponentFile { path, bytes, digest } = file;
         let path = path.as_path();
-        let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut engine_hash);
-        let cached = self
-            .cache_dir
-            .join(format!("{digest}-{:016x}.cwasm", engine_hash.finish()));
-
-        let component = match self.read_cache(&cached) {
+        let cached = self.cache.path(&digest);
+        let component = match self.cache.read(&self.engine, &cached) {
             Some(component) => {
                 tracing::debug!(component = %path.display(), cache = %cached.display(), "loaded compiled component from cache");
                 component
@@ -322,7 +317,7 @@ impl Runtime {
                     .precompile_component(&bytes)
                     .map_err(anyhow::Error::from)
                     .with_context(|| format!("{} is not a valid WebAssembly component", path.display()))?;
-                self.write_cache(&cached, &compiled)?;
+                self.cache.write(&cached, &compiled)?;
                 // SAFETY: `compiled` was produced by this engine just now.
                 unsafe { Component::deserialize(&self.engine, &compiled) }.map_err(anyhow::Error::from)?
             }
@@ -347,34 +342,10 @@ impl Runtime {
         })
     }
 
-    /// The cached artifact at `path`, if it is one this host wrote: its
-    /// checksum file must match (guarding against truncation and against
-    /// files put there by anyone else).
-    fn read_cache(&self, path: &Path) -> Option<Component> {
-        let artifact = std::fs::read(path).ok()?;
-        let recorded = std::fs::read_to_string(path.with_extension("sha256")).ok()?;
-        if recorded.trim() != hex::encode(Sha256::digest(&artifact)) {
-            tracing::warn!(path = %path.display(), "ignoring a cached component whose checksum does not match");
-            return None;
-        }
-        // SAFETY: the artifact was written by `write_cache` of a host with the
-        // same engine settings (both are in the file name) and is unchanged
-        // since (checksum). Deserialising trusts it to be well-formed code.
-        match unsafe { Component::deserialize(&self.engine, &artifact) } {
-            Ok(c) => Some(c),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), error = %e, "ignoring an unusable cached component");
-                None
-            }
-        }
-    }
-
-    fn write_cache(&self, path: &Path, compiled: &[u8]) -> Result<()> {
-        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&tmp, compiled).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::write(path.with_extension("sha256"), hex::encode(Sha256::digest(compiled)))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-        Ok(())
+    /// Bound the compiled-component cache: keep the artifacts of the
+    /// `running` digests and the few others used last ([`cache`]).
+    pub fn prune_cache(&self, running: &[String]) {
+        self.cache.prune(running);
     }
 
     /// Run one attempt: instantiate `component` in a fresh store with the
