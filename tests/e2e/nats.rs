@@ -536,6 +536,58 @@ async fn nats_server_restart_mid_load_the_host_recovers() -> Result {
     Ok(())
 }
 
+/// The NATS server comes back without its data, and the host has no
+/// JetStream source whose fetch would fail and notice: it says ready again
+/// only once the manifest's streams are declared on the new server, so
+/// nothing is published into a stream that is not there.
+#[tokio::test]
+async fn nats_server_back_without_its_data_is_ready_only_with_its_streams() -> Result {
+    if !have_binary("nats-server") {
+        return Ok(());
+    }
+    let port = free_port();
+    let server = private_nats(tempfile::tempdir()?, port)?;
+    let url = format!("nats://127.0.0.1:{port}");
+    let client = wait_nats(&url).await?;
+    let (p, s) = prefix();
+    let manifest = format!(
+        "{}{}",
+        broker(&url, &streams(&p, &s, 120)),
+        on("core", handler("live", "ok", &format!("{p}.live"), "")),
+    );
+    let setup = Setup::new(&manifest)?;
+    let host = setup.start().await?;
+    let stream_names = [format!("{s}_JOBS"), format!("{s}_DEAD")];
+    let js = jetstream::new(client.clone());
+    for name in &stream_names {
+        js.get_stream(name)
+            .await
+            .map_err(|e| anyhow::anyhow!("{name} at start-up: {e}"))?;
+    }
+    drop((js, client));
+
+    drop(server.kill());
+    host.wait_for("not ready while NATS is down", LONG, || async {
+        Ok(!host.ready().await?)
+    })
+    .await?;
+    let _server = private_nats(tempfile::tempdir()?, port)?;
+    host.wait_for("ready once NATS is back", LONG, || host.ready()).await?;
+    let js = jetstream::new(wait_nats(&url).await?);
+    for name in &stream_names {
+        js.get_stream(name)
+            .await
+            .map_err(|e| anyhow::anyhow!("the host said ready, but {name} is not on the new server: {e}"))?;
+    }
+    let logs = host.logs();
+    assert!(
+        logs.contains("lost the connection to NATS") && logs.contains("connected to NATS"),
+        "{logs}"
+    );
+    assert_eq!(host.terminate()?, 0);
+    Ok(())
+}
+
 /// A message held longer than the consumer's ack wait is kept alive by
 /// `Progress` and never redelivered under its attempt. The durable consumer
 /// exists before the host, with a 1 s ack wait (far shorter than the lease

@@ -16,8 +16,10 @@
 //! stream's duplicate window absorbs replays. Publishes to `_INBOX.` subjects (replies) always go through core
 //! NATS. async-nats reconnects by itself; the host starts while NATS is down
 //! (`retry_on_initial_connect`) and is not ready until it is connected and
-//! the manifest's streams are declared. A server that comes back without its
-//! data gets them declared again (`NatsBroker::redeclare`).
+//! the manifest's streams are declared. Every reconnect declares them again
+//! before the host is ready (a server may come back without its data), as
+//! does a JetStream call that finds a stream or consumer missing
+//! ([`keep_declared`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -26,11 +28,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_nats::jetstream::{self, AckKind, consumer::pull};
-use async_nats::{HeaderMap, connection::State};
+use async_nats::{Event, HeaderMap, connection::State};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::{Acker, Delivery, OutboundMessage, Sink, Source};
 use crate::store::now_ms;
@@ -58,12 +60,15 @@ pub struct NatsBroker {
     client: async_nats::Client,
     js: jetstream::Context,
     streams: Vec<StreamSpec>,
-    /// The manifest's streams exist on the server. Cleared when a JetStream
-    /// call fails to find a stream or consumer (a server that came back
-    /// without its data), so that the next use declares them again.
-    declared: AtomicBool,
+    /// The manifest's streams exist on the server. Cleared when the
+    /// connection is lost or remade, and when a JetStream call fails to find
+    /// a stream or consumer (a server that came back without its data); the
+    /// keeper ([`keep_declared`]) then declares them again.
+    declared: Arc<AtomicBool>,
     /// One declaration at a time.
     declaring: Mutex<()>,
+    /// Wakes the keeper to look at `declared` again.
+    recheck: Arc<Notify>,
 }
 
 /// What kind of NATS source or sink.
@@ -79,9 +84,34 @@ impl NatsBroker {
     /// Connect to `url`. Returns at once; the connection is made (and remade)
     /// in the background.
     pub async fn connect(url: &str, streams: Vec<StreamSpec>) -> Result<Self> {
+        let declared = Arc::new(AtomicBool::new(false));
+        let recheck = Arc::new(Notify::new());
+        let (unsure, wake) = (declared.clone(), recheck.clone());
         let client = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(2))
+            .event_callback(move |event| {
+                // A server met again may have lost its streams (restarted
+                // without its data): not ready until they are declared on it.
+                match &event {
+                    Event::Connected => {
+                        unsure.store(false, Ordering::Release);
+                        wake.notify_one();
+                        tracing::info!("connected to NATS");
+                    }
+                    Event::Disconnected => {
+                        unsure.store(false, Ordering::Release);
+                        tracing::warn!("lost the connection to NATS; reconnecting");
+                    }
+                    Event::ServerError(_) | Event::ClientError(_) | Event::LameDuckMode => {
+                        tracing::warn!(%event, "NATS")
+                    }
+                    // One per message a full subscription drops (core NATS,
+                    // at-most-once by design): too many to warn about.
+                    Event::SlowConsumer(_) | Event::Draining | Event::Closed => tracing::debug!(%event, "NATS"),
+                }
+                async {}
+            })
             .connect(url)
             .await
             .with_context(|| format!("connecting to NATS at {url}"))?;
@@ -90,8 +120,9 @@ impl NatsBroker {
             client,
             js,
             streams,
-            declared: AtomicBool::new(false),
+            declared,
             declaring: Mutex::new(()),
+            recheck,
         })
     }
 
@@ -100,33 +131,16 @@ impl NatsBroker {
         self.client.connection_state() == State::Connected && self.declared.load(Ordering::Acquire)
     }
 
-    /// Declare the manifest's streams now, or, while NATS is away, as soon
-    /// as it is back (retrying in the background): the host is not ready
-    /// until they exist, so nothing is published to a stream that is not
-    /// there yet.
+    /// Declare the manifest's streams now, and keep them declared from now
+    /// on ([`keep_declared`]): while NATS is away, as soon as it is back. The
+    /// host is not ready until they exist, so nothing is published to a
+    /// stream that is not there yet. The error is the first try's.
     pub async fn probe(self: &Arc<Self>) -> Result<()> {
         const FIRST_TRY: Duration = Duration::from_secs(5);
-        let first = tokio::time::timeout(FIRST_TRY, self.declare())
+        tokio::spawn(keep_declared(Arc::downgrade(self), self.recheck.clone()));
+        tokio::time::timeout(FIRST_TRY, self.declare())
             .await
-            .unwrap_or_else(|_| Err(anyhow!("NATS did not answer within {} s", FIRST_TRY.as_secs())));
-        if first.is_err() {
-            let broker = Arc::downgrade(self);
-            tokio::spawn(async move {
-                let mut failures = 0;
-                loop {
-                    failures += 1;
-                    tokio::time::sleep(super::reconnect_backoff(failures)).await;
-                    let Some(broker) = broker.upgrade() else { return };
-                    match broker.declare().await {
-                        Ok(()) => return,
-                        Err(e) => {
-                            tracing::debug!(error = %format!("{e:#}"), "declaring JetStream streams failed; trying again")
-                        }
-                    }
-                }
-            });
-        }
-        first
+            .unwrap_or_else(|_| Err(anyhow!("NATS did not answer within {} s", FIRST_TRY.as_secs())))
     }
 
     /// Declare the manifest's streams, unless that was done on this server
@@ -184,6 +198,7 @@ impl NatsBroker {
     /// declare the streams again before the next use.
     fn redeclare(&self) {
         self.declared.store(false, Ordering::Release);
+        self.recheck.notify_one();
     }
 
     /// Write out everything handed to the client (acks, naks, publishes)
@@ -497,6 +512,38 @@ fn held_lock(held: &std::sync::Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
 }
 
 /// One ack (or nak, term, progress) to send, and who waits for it.
+/// Declare `broker`'s streams whenever they may be missing (`declared` is
+/// false: at start-up, after a reconnect, after a call found one missing),
+/// retrying with backoff while NATS does not answer, and at once when woken.
+/// Ends with the broker.
+async fn keep_declared(broker: Weak<NatsBroker>, recheck: Arc<Notify>) {
+    /// How often an idle keeper checks that its broker is still there.
+    const IDLE_CHECK: Duration = Duration::from_secs(5);
+    let mut failures = 0;
+    loop {
+        let Some(b) = broker.upgrade() else { return };
+        let pause = if b.declared.load(Ordering::Acquire) {
+            failures = 0;
+            IDLE_CHECK
+        } else {
+            match b.declare().await {
+                Ok(()) => {
+                    failures = 0;
+                    continue;
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::debug!(error = %format!("{e:#}"), "declaring JetStream streams failed; trying again");
+                    super::reconnect_backoff(failures)
+                }
+            }
+        };
+        drop(b);
+        // A wake-up that came before this wait is kept by `Notify`.
+        let _ = tokio::time::timeout(pause, recheck.notified()).await;
+    }
+}
+
 type AckOp = (Arc<jetstream::message::Acker>, AckKind, oneshot::Sender<Result<()>>);
 
 /// Send a source's acks in bursts. Woken by the first, it lets every other
