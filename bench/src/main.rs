@@ -10,8 +10,8 @@
 //!   memory (no broker): the host's own per-message cost around the call.
 //! - `drain`: preload a backlog on one broker path, start one consumer
 //!   process (wharf, the native Rust consumer or the Node.js peer), time the
-//!   drain from its first message to its last; msg/s and the consumer's CPU
-//!   µs per message from /proc.
+//!   drain from its first message to its last; msg/s, the consumer's CPU
+//!   µs per message and its peak resident memory from /proc.
 //! - `latency`: an open-loop producer at a fixed rate through a forwarding
 //!   consumer; end-to-end p50/p99.
 //! - `suite`: all of it, one table.
@@ -303,7 +303,7 @@ async fn main() -> Result<()> {
         Command::Drain(args) => {
             let sample = suite::drain(&component?, &args).await?;
             println!(
-                "drain {} {:?} messages={} payload={}B concurrency={} dedup={} instance_reuse={}: {:.0} msg/s, CPU {:.1} µs/msg",
+                "drain {} {:?} messages={} payload={}B concurrency={} dedup={} instance_reuse={}: {:.0} msg/s, CPU {:.1} µs/msg, peak RSS {:.1} MiB",
                 args.path.name(),
                 args.consumer,
                 args.messages,
@@ -312,7 +312,8 @@ async fn main() -> Result<()> {
                 args.dedup,
                 args.instance_reuse,
                 sample.rate(),
-                sample.cpu_us_per_msg()
+                sample.cpu_us_per_msg(),
+                sample.peak_rss_kib as f64 / 1024.0
             );
             Ok(())
         }

@@ -1,7 +1,8 @@
 //! Timing a consumer process from outside: wall time from its first handled
 //! message to its last, and the CPU it used in between, read from
 //! `/proc/<pid>/task/*/schedstat` (every thread, sampled every 10 ms so that
-//! a thread that ends mid-run still counts). The consumer is always
+//! a thread that ends mid-run still counts), and the most memory it had
+//! resident at any of those samples (`/proc/<pid>/statm`). The consumer is always
 //! its own process — wharf, the native consumer, a Node.js peer — so the
 //! figures never include the producer or this harness.
 
@@ -26,6 +27,9 @@ pub struct Sample {
     /// Messages that never arrived (core NATS drops what a slow consumer
     /// cannot take; zero on every acked path).
     pub dropped: usize,
+    /// The most the consumer had resident (RSS) at any sample while it ran,
+    /// KiB.
+    pub peak_rss_kib: u64,
 }
 
 impl Sample {
@@ -52,6 +56,8 @@ pub struct CpuMeter {
     pid: u32,
     /// Nanoseconds by thread id, as last read.
     threads: HashMap<u32, u64>,
+    /// The largest resident set seen, KiB.
+    peak_rss_kib: u64,
 }
 
 impl CpuMeter {
@@ -59,11 +65,27 @@ impl CpuMeter {
         Self {
             pid,
             threads: HashMap::new(),
+            peak_rss_kib: 0,
         }
     }
 
-    /// Read every live thread and return the process's CPU seconds so far.
+    /// The largest resident set any sample saw, KiB. Sampled, not the
+    /// kernel's high-water mark (`VmHWM`): that one would also count what a
+    /// consumer held while starting (wharf compiling its component).
+    pub fn peak_rss_kib(&self) -> u64 {
+        self.peak_rss_kib
+    }
+
+    /// Read every live thread and return the process's CPU seconds so far;
+    /// note the resident set.
     pub fn sample(&mut self) -> Result<f64> {
+        // `statm`: sizes in pages; the second is the resident set.
+        if let Some(pages) = std::fs::read_to_string(format!("/proc/{}/statm", self.pid))
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        {
+            self.peak_rss_kib = self.peak_rss_kib.max(pages * page_kib());
+        }
         for task in std::fs::read_dir(format!("/proc/{}/task", self.pid))?.flatten() {
             let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
                 continue;
@@ -79,6 +101,13 @@ impl CpuMeter {
     }
 }
 
+/// The page size, KiB.
+fn page_kib() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let bytes = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(bytes).map_or(4, |b| (b / 1024).max(1))
+}
+
 /// A point in a run: when, how many handled, CPU so far.
 #[derive(Clone, Copy)]
 struct Mark {
@@ -87,12 +116,13 @@ struct Mark {
     cpu: f64,
 }
 
-fn window(from: Mark, to: Mark) -> Sample {
+fn window(from: Mark, to: Mark, meter: &CpuMeter) -> Sample {
     Sample {
         messages: to.handled - from.handled,
         secs: (to.at - from.at).as_secs_f64(),
         cpu: to.cpu - from.cpu,
         dropped: 0,
+        peak_rss_kib: meter.peak_rss_kib(),
     }
 }
 
@@ -166,7 +196,7 @@ where
                     p.await??;
                 }
                 let start = first.ok_or_else(|| anyhow!("`done` before `first`"))?;
-                return Ok(window(start, end));
+                return Ok(window(start, end, &meter));
             }
             other => eprintln!("consumer: {other}"),
         }
@@ -276,13 +306,13 @@ impl Wharf {
                 last_progress = mark;
             }
             if handled >= n {
-                return Ok(window(start, mark));
+                return Ok(window(start, mark, &meter));
             }
             if last_progress.at.elapsed() > stall {
                 if lossy {
                     // At-most-once: what was dropped stays dropped. The
                     // window ends at the last message that arrived.
-                    let mut sample = window(start, last_progress);
+                    let mut sample = window(start, last_progress, &meter);
                     sample.dropped = n - handled;
                     return Ok(sample);
                 }

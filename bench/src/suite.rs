@@ -237,6 +237,17 @@ fn show(c: &Cell) -> String {
     format!("{:.0} ({:.0}){failed}", s.rate(), s.cpu_us_per_msg())
 }
 
+/// The median round's peak resident memory, MiB.
+fn show_rss(c: &Cell) -> String {
+    let peaks = c
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .filter(|s| s.peak_rss_kib > 0)
+        .map(|s| s.peak_rss_kib as f64 / 1024.0)
+        .collect();
+    median(peaks).map_or_else(|| "—".into(), |m| format!("{m:.0}"))
+}
+
 /// The median of the rounds' own ratios: a round's drains run back to back,
 /// so each ratio compares drains a minute or two apart, and one disturbed
 /// drain moves no median.
@@ -342,13 +353,14 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
                     let r = drain(component, &args).await.map_err(|e| format!("{e:#}"));
                     match &r {
                         Ok(s) => eprintln!(
-                            "round {round}: {} {payload}B {:?}{}{}: {:.0} msg/s, {:.1} µs CPU/msg",
+                            "round {round}: {} {payload}B {:?}{}{}: {:.0} msg/s, {:.1} µs CPU/msg, peak RSS {:.1} MiB",
                             path.name(),
                             args.consumer,
                             if args.dedup { " dedup" } else { "" },
                             if args.instance_reuse > 1 { " reuse" } else { "" },
                             s.rate(),
-                            s.cpu_us_per_msg()
+                            s.cpu_us_per_msg(),
+                            s.peak_rss_kib as f64 / 1024.0
                         ),
                         Err(e) => {
                             failures += 1;
@@ -415,6 +427,25 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
         )?;
     }
 
+    writeln!(
+        out,
+        "\nPeak resident memory (RSS) of the consumer process while it drained, MiB (sampled every 10 ms; the median round)\n\n\
+         | path | payload | wharf | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | native Rust | peer |\n|---|---|---|---|---|---|---|"
+    )?;
+    for (path, payload, r) in &rows {
+        writeln!(
+            out,
+            "| {} | {} B | {} | {} | {} | {} | {} |",
+            path.name(),
+            payload,
+            show_rss(&r.wharf),
+            show_rss(&r.dedup),
+            show_rss(&r.reuse),
+            show_rss(&r.native),
+            show_rss(&r.peer),
+        )?;
+    }
+
     // Added latency: at half the native drain's maximum rate (the issue's
     // load; wharf's own maximum may be below it, and then its backlog grows)
     // and at a fixed rate both sustain. Smoke runs use a gentle fixed rate.
@@ -463,6 +494,7 @@ mod tests {
             secs: 1000.0 / rate,
             cpu: 0.01,
             dropped: 0,
+            peak_rss_kib: 0,
         })
     }
 
