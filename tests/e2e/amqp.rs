@@ -11,8 +11,6 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::harness::*;
 
-const LONG: Duration = Duration::from_secs(90);
-
 /// The connection-drop test closes every connection on the broker, so the
 /// RabbitMQ tests take turns.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

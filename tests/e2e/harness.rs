@@ -12,6 +12,10 @@ use wharf::broker::embedded::{DeadLetterEntry, EmbeddedBroker, QueueStats, open_
 use wharf::kv::{Kv, KvQuota};
 use wharf::store::Store;
 
+/// How long a test waits for something that should happen (the brokers and
+/// the host on a busy CI machine can be slow; a wait ends as soon as it holds).
+pub const LONG: Duration = Duration::from_secs(90);
+
 pub type Result<T = ()> = anyhow::Result<T>;
 
 /// The workspace root.
@@ -181,6 +185,17 @@ impl Host {
     pub async fn ready(&self) -> Result<bool> {
         let r = self.client.get(format!("{}/readyz", self.url)).send().await?;
         Ok(r.status().is_success())
+    }
+
+    /// Wait (up to [`LONG`]) until `/readyz` says ready.
+    pub async fn wait_ready(&self, what: &str) -> Result {
+        self.wait_for(what, LONG, || self.ready()).await
+    }
+
+    /// Wait (up to [`LONG`]) until `/readyz` says not ready (a broker the
+    /// host needs went away).
+    pub async fn wait_not_ready(&self, what: &str) -> Result {
+        self.wait_for(what, LONG, || async { Ok(!self.ready().await?) }).await
     }
 
     /// Start a host and return once its HTTP server answers, ready or not

@@ -13,8 +13,6 @@ use std::time::Duration;
 
 use harness::*;
 
-const LONG: Duration = Duration::from_secs(90);
-
 /// Every program in tests/programs/src/bin must be run by some test here.
 #[test]
 fn every_test_program_is_used() {

@@ -11,8 +11,6 @@ use futures_util::StreamExt;
 
 use crate::harness::*;
 
-const LONG: Duration = Duration::from_secs(90);
-
 fn url() -> String {
     std::env::var("WHARF_TEST_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
 }
@@ -415,6 +413,16 @@ fn private_nats(dir: tempfile::TempDir, port: u16) -> Result<PrivateServer> {
     })
 }
 
+/// A private nats-server with JetStream on a free port, with an empty
+/// store: the server, its port and URL, and a client connected to it.
+async fn private_nats_on_a_free_port() -> Result<(PrivateServer, u16, String, async_nats::Client)> {
+    let port = free_port();
+    let server = private_nats(tempfile::tempdir()?, port)?;
+    let url = format!("nats://127.0.0.1:{port}");
+    let client = wait_nats(&url).await?;
+    Ok((server, port, url, client))
+}
+
 async fn wait_nats(url: &str) -> Result<async_nats::Client> {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -439,10 +447,7 @@ async fn nats_server_restart_mid_load_the_host_recovers() -> Result {
     if !have_binary("nats-server") {
         return Ok(());
     }
-    let port = free_port();
-    let server = private_nats(tempfile::tempdir()?, port)?;
-    let url = format!("nats://127.0.0.1:{port}");
-    let client = wait_nats(&url).await?;
+    let (server, port, url, client) = private_nats_on_a_free_port().await?;
     let (p, s) = prefix();
     let live = format!("{p}.live");
     let manifest = format!(
@@ -471,10 +476,7 @@ async fn nats_server_restart_mid_load_the_host_recovers() -> Result {
     .await?;
     drop((js, client));
     let dir = server.kill();
-    host.wait_for("not ready while NATS is down", LONG, || async {
-        Ok(!host.ready().await?)
-    })
-    .await?;
+    host.wait_not_ready("not ready while NATS is down").await?;
     let handled_while_down = host.outcome_count("count", "acked").await?;
     assert!(
         handled_while_down < MESSAGES as u64,
@@ -483,7 +485,7 @@ async fn nats_server_restart_mid_load_the_host_recovers() -> Result {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let _server = private_nats(dir, port)?;
     let client = wait_nats(&url).await?;
-    host.wait_for("ready once NATS is back", LONG, || host.ready()).await?;
+    host.wait_ready("ready once NATS is back").await?;
     let js = jetstream::new(client.clone());
     wait_drained(&host, &js, &format!("{s}_JOBS"), "count").await?;
     // Core NATS keeps nothing for a subscriber that is not there yet: publish
@@ -509,10 +511,7 @@ async fn nats_server_restart_mid_load_the_host_recovers() -> Result {
     // host declares the stream and the consumer again and carries on.
     drop((js, client));
     drop(_server.kill());
-    host.wait_for("not ready while NATS is down", LONG, || async {
-        Ok(!host.ready().await?)
-    })
-    .await?;
+    host.wait_not_ready("not ready while NATS is down").await?;
     let _server = private_nats(tempfile::tempdir()?, port)?;
     let client = wait_nats(&url).await?;
     let js = jetstream::new(client.clone());
@@ -528,7 +527,7 @@ async fn nats_server_restart_mid_load_the_host_recovers() -> Result {
         Ok(host.outcome_count("count", "acked").await? >= (MESSAGES + AFTER) as u64)
     })
     .await?;
-    host.wait_for("ready again", LONG, || host.ready()).await?;
+    host.wait_ready("ready again").await?;
     assert_eq!(host.terminate()?, 0);
     let db = setup.open()?;
     db.assert_every_message_handled((0..MESSAGES).map(|i| format!("m{i}")), CONCURRENCY);
@@ -545,10 +544,7 @@ async fn nats_server_back_without_its_data_is_ready_only_with_its_streams() -> R
     if !have_binary("nats-server") {
         return Ok(());
     }
-    let port = free_port();
-    let server = private_nats(tempfile::tempdir()?, port)?;
-    let url = format!("nats://127.0.0.1:{port}");
-    let client = wait_nats(&url).await?;
+    let (server, port, url, client) = private_nats_on_a_free_port().await?;
     let (p, s) = prefix();
     let manifest = format!(
         "{}{}",
@@ -567,12 +563,9 @@ async fn nats_server_back_without_its_data_is_ready_only_with_its_streams() -> R
     drop((js, client));
 
     drop(server.kill());
-    host.wait_for("not ready while NATS is down", LONG, || async {
-        Ok(!host.ready().await?)
-    })
-    .await?;
+    host.wait_not_ready("not ready while NATS is down").await?;
     let _server = private_nats(tempfile::tempdir()?, port)?;
-    host.wait_for("ready once NATS is back", LONG, || host.ready()).await?;
+    host.wait_ready("ready once NATS is back").await?;
     let js = jetstream::new(wait_nats(&url).await?);
     for name in &stream_names {
         js.get_stream(name)

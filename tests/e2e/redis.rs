@@ -11,8 +11,6 @@ use redis::AsyncCommands;
 
 use crate::harness::*;
 
-const LONG: Duration = Duration::from_secs(90);
-
 fn url() -> String {
     std::env::var("WHARF_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
@@ -615,12 +613,11 @@ async fn redis_restart_mid_load_the_host_recovers() -> Result {
     .await?;
     let dir = server.kill();
     // While Redis is down the host stays up and says it is not ready.
-    host.wait_for("not ready", LONG, || async { Ok(!host.ready().await?) })
-        .await?;
+    host.wait_not_ready("not ready").await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let server = private_redis(dir, port)?;
     let mut c = wait_connect(&url).await;
-    host.wait_for("ready again", LONG, || host.ready()).await?;
+    host.wait_ready("ready again").await?;
     wait_both_drained(&host, &c).await?;
     let dead: usize = c.llen("jobs:dead").await?;
     assert_eq!(dead, 0);
@@ -628,11 +625,10 @@ async fn redis_restart_mid_load_the_host_recovers() -> Result {
     // Once more, and this time Redis comes back without its data: the
     // stream's consumer group is gone and is made again.
     drop(server.kill());
-    host.wait_for("not ready", LONG, || async { Ok(!host.ready().await?) })
-        .await?;
+    host.wait_not_ready("not ready").await?;
     let _server = private_redis(tempfile::tempdir()?, port)?;
     let mut c = wait_connect(&url).await;
-    host.wait_for("ready again", LONG, || host.ready()).await?;
+    host.wait_ready("ready again").await?;
     // Everything before is settled (both backlogs drained): count from here.
     let settled = |handler: &'static str| {
         let host = &host;
@@ -837,7 +833,7 @@ async fn redis_down_at_start_the_host_waits_then_works() -> Result {
     let mut c = wait_connect(&redis_url(&server)).await;
     preload(&mut c, "jobs", true, "", MESSAGES).await?;
     preload(&mut c, "events", false, "", MESSAGES).await?;
-    host.wait_for("ready once Redis is up", LONG, || host.ready()).await?;
+    host.wait_ready("ready once Redis is up").await?;
     wait_both_drained(&host, &c).await?;
     assert_eq!(host.outcome_count("list", "acked").await?, MESSAGES as u64);
     assert_eq!(host.outcome_count("stream", "acked").await?, MESSAGES as u64);

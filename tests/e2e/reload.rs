@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::LONG;
 use crate::harness::*;
 
 /// `program`'s component copied to `dir/handler.wasm`, the file the
