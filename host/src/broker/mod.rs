@@ -114,6 +114,11 @@ pub trait Source: Send + Sync {
     /// what it already took without waiting for more (a receive that waits
     /// no longer than a second or so may simply run out its wait).
     async fn stop(&self) {}
+
+    /// Send now the acks this source holds back for its next receive to
+    /// carry (the Redis stream source does): a handled message waits to
+    /// settle behind them, so no receive may come until they are sent.
+    fn flush_acks(&self) {}
 }
 
 /// Where a handler's publishes go.

@@ -34,7 +34,7 @@ use bytes::Bytes;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, RedisError, Script, Value};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, Notify, mpsc, oneshot};
 
 use super::{Acker, Delivery, OutboundMessage, Sink, Source};
 use crate::delivery::{Claim, DedupStore};
@@ -545,6 +545,10 @@ struct StreamShared {
     parked: std::sync::Mutex<Vec<PendingAck>>,
     /// The last read of new entries came back full: more are waiting.
     backlog: AtomicBool,
+    /// Ends the parked acks' wait for a read ([`Source::flush_acks`]). A
+    /// wake-up with no ack parked is kept and ends the next wait early: one
+    /// `XACK` of its own, never an ack held longer.
+    ack_now: Notify,
     /// Retries waiting for their delay: (due, entry id) → next attempt. The
     /// entry itself stays pending in Redis, so a crash loses only the timer:
     /// a restart re-reads it, or another host's janitor reclaims it.
@@ -612,6 +616,7 @@ impl StreamSource {
             acks,
             parked: Default::default(),
             backlog: AtomicBool::new(false),
+            ack_now: Notify::new(),
             retries: Default::default(),
         });
         tokio::spawn(stream_acks(Arc::downgrade(&inner), rx));
@@ -766,6 +771,10 @@ impl Source for StreamSource {
         }
         received
     }
+
+    fn flush_acks(&self) {
+        self.inner.ack_now.notify_one();
+    }
 }
 
 impl StreamSource {
@@ -899,6 +908,10 @@ const ACK_RIDE: Duration = Duration::from_millis(2);
 /// ([`StreamSource::read_with_acks`]). Then it sends what no read took in
 /// one `XACK`. A backlog means a read is coming soon, so the acks that ride
 /// cost no round trip at all: the native consumer's one `XACK` per read.
+/// Unless every slot of the handler waits to settle behind these very acks
+/// (always so at concurrency 1, where each message waited out the whole
+/// ride): then no read can come, and the engine says so
+/// ([`Source::flush_acks`]), which ends the wait at once.
 async fn stream_acks(shared: std::sync::Weak<StreamShared>, mut rx: mpsc::UnboundedReceiver<PendingAck>) {
     let mut batch = Vec::with_capacity(ACK_BATCH);
     while rx.recv_many(&mut batch, ACK_BATCH).await > 0 {
@@ -916,6 +929,7 @@ async fn stream_acks(shared: std::sync::Weak<StreamShared>, mut rx: mpsc::Unboun
                         }
                     }
                     _ = &mut ride => break,
+                    _ = s.ack_now.notified() => break,
                 }
             }
         }

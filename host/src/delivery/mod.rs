@@ -322,8 +322,19 @@ impl Slot {
     /// that place, to hold until the ack is confirmed. Waits while the
     /// settling budget is full, still holding the running slot, so the two
     /// budgets together bound what a crash can repeat.
-    async fn settle_only(&mut self) -> Option<OwnedSemaphorePermit> {
-        let place = self.settling.clone().acquire_owned().await.ok()?;
+    ///
+    /// While it waits, the acks ahead of it may be held back by `source` for
+    /// its next receive to carry, which cannot come while every slot waits
+    /// here (always so at concurrency 1): `source` is told to send them now.
+    async fn settle_only(&mut self, source: &dyn Source) -> Option<OwnedSemaphorePermit> {
+        let place = match self.settling.clone().try_acquire_owned() {
+            Ok(place) => place,
+            Err(tokio::sync::TryAcquireError::Closed) => return None,
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                source.flush_acks();
+                self.settling.clone().acquire_owned().await.ok()?
+            }
+        };
         self.running = None;
         Some(place)
     }
@@ -445,7 +456,7 @@ async fn attempt_and_settle(
     {
         tracing::warn!(handler = %binding.name, message_id = %d.id, error = %format!("{e:#}"), "could not record dedup mark; a redelivery would run again");
     }
-    let _settling = slot.settle_only().await;
+    let _settling = slot.settle_only(&*binding.source).await;
     settle(binding, d, Settled::Acked, d.acker.ack().await)
 }
 
