@@ -475,8 +475,10 @@ pub async fn native(t: &Target, urls: &Urls, n: usize, batch: usize) -> Result<(
                         .arg("RIGHT")
                         .arg("LEFT");
                 }
-                let more: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
-                items.extend(more.into_iter().flatten());
+                if batch > 1 {
+                    let more: Vec<Option<String>> = pipe.query_async(&mut conn).await?;
+                    items.extend(more.into_iter().flatten());
+                }
                 let mut acks = redis::pipe();
                 for item in &items {
                     let job: serde_json::Value = serde_json::from_str(item)?;

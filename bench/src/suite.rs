@@ -427,6 +427,61 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
         )?;
     }
 
+    // One message at a time (a handler that must keep order): no batch
+    // hides a wait per message. The seventeenth session found one here
+    // (Redis streams at 313 msg/s), which no drain at concurrency 100 could
+    // show.
+    let single = if smoke { 100 } else { 10_000 };
+    writeln!(
+        out,
+        "\nConcurrency 1, {single} messages of 100 B, one round: msg/s (consumer CPU µs/msg)\n\n\
+         | path | wharf | wharf, `instance_reuse = {REUSE}` | native Rust | wharf / native |\n|---|---|---|---|---|"
+    )?;
+    for path in Path::ALL.into_iter().filter(|p| *p != Path::NatsCore) {
+        let mut one = async |consumer, instance_reuse| -> Cell {
+            let args = DrainArgs {
+                path,
+                consumer,
+                messages: single,
+                payload_bytes: 100,
+                concurrency: 1,
+                dedup: false,
+                instance_reuse,
+            };
+            let r = drain(component, &args).await.map_err(|e| format!("{e:#}"));
+            match &r {
+                Ok(s) => eprintln!(
+                    "concurrency 1: {} {consumer:?}{}: {:.0} msg/s, {:.1} µs CPU/msg",
+                    path.name(),
+                    if instance_reuse > 1 { " reuse" } else { "" },
+                    s.rate(),
+                    s.cpu_us_per_msg()
+                ),
+                Err(e) => {
+                    failures += 1;
+                    eprintln!("concurrency 1: {} {consumer:?}: FAILED: {e}", path.name());
+                }
+            }
+            vec![r]
+        };
+        let wharf = one(Consumer::Wharf, 1).await;
+        let reuse = one(Consumer::Wharf, REUSE).await;
+        let native = if path == Path::Embedded {
+            Vec::new()
+        } else {
+            one(Consumer::Native, 1).await
+        };
+        writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            path.name(),
+            show(&wharf),
+            show(&reuse),
+            show(&native),
+            ratio(&wharf, &native),
+        )?;
+    }
+
     writeln!(
         out,
         "\nPeak resident memory (RSS) of the consumer process while it drained, MiB (sampled every 10 ms; the median round)\n\n\
