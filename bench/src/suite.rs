@@ -94,10 +94,17 @@ async fn drain_on(component: &FsPath, a: &DrainArgs, t: &Target, urls: &Urls) ->
                 &manifest_path,
                 wharf_manifest(component, t, urls, &data, a.concurrency, &extra),
             )?;
+            // The component compiled into the data folder's cache first (the
+            // embedded preload's host does it), so wharf starts as it does
+            // after its first start: the memory column is then the host's
+            // own, not what compiling left behind.
             if a.path == Path::Embedded {
                 preload_embedded(&manifest_path, t, n, &body).await?;
-            } else if a.path.preloads() {
-                paths::preload(t, urls, n, &body).await?;
+            } else {
+                warm_cache(&manifest_path)?;
+                if a.path.preloads() {
+                    paths::preload(t, urls, n, &body).await?;
+                }
             }
             let mut wharf = Wharf::start(&measure::wharf_binary()?, &manifest_path, &data).await?;
             let mut produced = None;
@@ -167,6 +174,16 @@ async fn drain_on(component: &FsPath, a: &DrainArgs, t: &Target, urls: &Urls) ->
 
 /// Preload the embedded broker of the manifest at `path` (in its data dir),
 /// then close it so the `wharf` process can open it.
+/// Compile the manifest's components into its data folder's cache.
+fn warm_cache(path: &FsPath) -> Result<()> {
+    let manifest = wharf::manifest::Manifest::load(path).map_err(|e| anyhow!("{e}"))?;
+    let runtime = wharf::app::runtime_for(&manifest)?;
+    for h in manifest.handlers.values() {
+        runtime.load(&h.component)?;
+    }
+    Ok(())
+}
+
 async fn preload_embedded(path: &FsPath, t: &Target, n: usize, body: &[u8]) -> Result<()> {
     let manifest = wharf::manifest::Manifest::load(path).map_err(|e| anyhow!("{e}"))?;
     let app = wharf::app::App::new(manifest).await?;
