@@ -254,6 +254,16 @@ fn show(c: &Cell) -> String {
     format!("{:.0} ({:.0}){failed}", s.rate(), s.cpu_us_per_msg())
 }
 
+/// The peer's name as a cell's prefix ("" where there is none).
+fn peer_name(path: Path) -> &'static str {
+    match peer_script(path) {
+        Some("bullmq.mjs") => "BullMQ ",
+        Some("amqplib.mjs") => "amqplib ",
+        Some(_) => "nats.js ",
+        None => "",
+    }
+}
+
 /// The median round's peak resident memory, MiB.
 fn show_rss(c: &Cell) -> String {
     let peaks = c
@@ -422,21 +432,16 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
         }
     )?;
     for (path, payload, r) in &rows {
-        let peer_name = match peer_script(*path) {
-            Some("bullmq.mjs") => "BullMQ ",
-            Some("amqplib.mjs") => "amqplib ",
-            Some(_) => "nats.js ",
-            None => "",
-        };
         writeln!(
             out,
-            "| {} | {} B | {} | {} | {} | {} | {peer_name}{} | {} | {} | {} |",
+            "| {} | {} B | {} | {} | {} | {} | {}{} | {} | {} | {} |",
             path.name(),
             payload,
             show(&r.wharf),
             show(&r.dedup),
             show(&r.reuse),
             show(&r.native),
+            peer_name(*path),
             show(&r.peer),
             ratio(&r.wharf, &r.native),
             ratio(&r.reuse, &r.native),
@@ -507,13 +512,14 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
     for (path, payload, r) in &rows {
         writeln!(
             out,
-            "| {} | {} B | {} | {} | {} | {} | {} |",
+            "| {} | {} B | {} | {} | {} | {} | {}{} |",
             path.name(),
             payload,
             show_rss(&r.wharf),
             show_rss(&r.dedup),
             show_rss(&r.reuse),
             show_rss(&r.native),
+            peer_name(*path),
             show_rss(&r.peer),
         )?;
     }
