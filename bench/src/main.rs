@@ -313,7 +313,7 @@ async fn main() -> Result<()> {
                 args.instance_reuse,
                 sample.rate(),
                 sample.cpu_us_per_msg(),
-                sample.peak_rss_kib as f64 / 1024.0
+                sample.peak_rss_mib()
             );
             Ok(())
         }

@@ -40,6 +40,10 @@ impl Sample {
     pub fn cpu_us_per_msg(&self) -> f64 {
         self.cpu * 1e6 / self.messages.max(1) as f64
     }
+
+    pub fn peak_rss_mib(&self) -> f64 {
+        self.peak_rss_kib as f64 / 1024.0
+    }
 }
 
 /// How often a run's CPU is sampled (and wharf's progress polled).

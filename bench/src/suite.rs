@@ -172,8 +172,6 @@ async fn drain_on(component: &FsPath, a: &DrainArgs, t: &Target, urls: &Urls) ->
     }
 }
 
-/// Preload the embedded broker of the manifest at `path` (in its data dir),
-/// then close it so the `wharf` process can open it.
 /// Compile the manifest's components into its data folder's cache.
 fn warm_cache(path: &FsPath) -> Result<()> {
     let manifest = wharf::manifest::Manifest::load(path).map_err(|e| anyhow!("{e}"))?;
@@ -184,6 +182,8 @@ fn warm_cache(path: &FsPath) -> Result<()> {
     Ok(())
 }
 
+/// Preload the embedded broker of the manifest at `path` (in its data dir),
+/// then close it so the `wharf` process can open it.
 async fn preload_embedded(path: &FsPath, t: &Target, n: usize, body: &[u8]) -> Result<()> {
     let manifest = wharf::manifest::Manifest::load(path).map_err(|e| anyhow!("{e}"))?;
     let app = wharf::app::App::new(manifest).await?;
@@ -254,6 +254,33 @@ fn show(c: &Cell) -> String {
     format!("{:.0} ({:.0}){failed}", s.rate(), s.cpu_us_per_msg())
 }
 
+/// [`drain`], its outcome logged under `label` (a failure counted in
+/// `failures`), as an error string for a [`Cell`].
+async fn drain_logged(component: &FsPath, a: &DrainArgs, label: &str, failures: &mut usize) -> Result<Sample, String> {
+    let r = drain(component, a).await.map_err(|e| format!("{e:#}"));
+    let what = format!(
+        "{label}: {} {}B {:?}{}{}",
+        a.path.name(),
+        a.payload_bytes,
+        a.consumer,
+        if a.dedup { " dedup" } else { "" },
+        if a.instance_reuse > 1 { " reuse" } else { "" },
+    );
+    match &r {
+        Ok(s) => eprintln!(
+            "{what}: {:.0} msg/s, {:.1} µs CPU/msg, peak RSS {:.1} MiB",
+            s.rate(),
+            s.cpu_us_per_msg(),
+            s.peak_rss_mib()
+        ),
+        Err(e) => {
+            *failures += 1;
+            eprintln!("{what}: FAILED: {e}");
+        }
+    }
+    r
+}
+
 /// The peer's name as a cell's prefix ("" where there is none).
 fn peer_name(path: Path) -> &'static str {
     match peer_script(path) {
@@ -270,7 +297,7 @@ fn show_rss(c: &Cell) -> String {
         .iter()
         .filter_map(|r| r.as_ref().ok())
         .filter(|s| s.peak_rss_kib > 0)
-        .map(|s| s.peak_rss_kib as f64 / 1024.0)
+        .map(Sample::peak_rss_mib)
         .collect();
     median(peaks).map_or_else(|| "—".into(), |m| format!("{m:.0}"))
 }
@@ -376,30 +403,8 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
                     dedup,
                     instance_reuse,
                 };
-                let mut measure = async |args: DrainArgs| -> Result<Sample, String> {
-                    let r = drain(component, &args).await.map_err(|e| format!("{e:#}"));
-                    match &r {
-                        Ok(s) => eprintln!(
-                            "round {round}: {} {payload}B {:?}{}{}: {:.0} msg/s, {:.1} µs CPU/msg, peak RSS {:.1} MiB",
-                            path.name(),
-                            args.consumer,
-                            if args.dedup { " dedup" } else { "" },
-                            if args.instance_reuse > 1 { " reuse" } else { "" },
-                            s.rate(),
-                            s.cpu_us_per_msg(),
-                            s.peak_rss_kib as f64 / 1024.0
-                        ),
-                        Err(e) => {
-                            failures += 1;
-                            eprintln!(
-                                "round {round}: {} {payload}B {:?}: FAILED: {e}",
-                                path.name(),
-                                args.consumer
-                            );
-                        }
-                    }
-                    r
-                };
+                let label = format!("round {round}");
+                let mut measure = async |args: DrainArgs| drain_logged(component, &args, &label, &mut failures).await;
                 row.wharf.push(measure(cell(Consumer::Wharf, false, 1)).await);
                 row.dedup.push(measure(cell(Consumer::Wharf, true, 1)).await);
                 row.reuse.push(measure(cell(Consumer::Wharf, false, REUSE)).await);
@@ -470,21 +475,7 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
                 dedup: false,
                 instance_reuse,
             };
-            let r = drain(component, &args).await.map_err(|e| format!("{e:#}"));
-            match &r {
-                Ok(s) => eprintln!(
-                    "concurrency 1: {} {consumer:?}{}: {:.0} msg/s, {:.1} µs CPU/msg",
-                    path.name(),
-                    if instance_reuse > 1 { " reuse" } else { "" },
-                    s.rate(),
-                    s.cpu_us_per_msg()
-                ),
-                Err(e) => {
-                    failures += 1;
-                    eprintln!("concurrency 1: {} {consumer:?}: FAILED: {e}", path.name());
-                }
-            }
-            vec![r]
+            vec![drain_logged(component, &args, "concurrency 1", &mut failures).await]
         };
         let wharf = one(Consumer::Wharf, 1).await;
         let reuse = one(Consumer::Wharf, REUSE).await;

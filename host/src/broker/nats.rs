@@ -86,7 +86,7 @@ impl NatsBroker {
     pub async fn connect(url: &str, streams: Vec<StreamSpec>) -> Result<Self> {
         let declared = Arc::new(AtomicBool::new(false));
         let recheck = Arc::new(Notify::new());
-        let (unsure, wake) = (declared.clone(), recheck.clone());
+        let (declared_here, wake) = (declared.clone(), recheck.clone());
         let client = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(2))
@@ -95,12 +95,12 @@ impl NatsBroker {
                 // without its data): not ready until they are declared on it.
                 match &event {
                     Event::Connected => {
-                        unsure.store(false, Ordering::Release);
+                        declared_here.store(false, Ordering::Release);
                         wake.notify_one();
                         tracing::info!("connected to NATS");
                     }
                     Event::Disconnected => {
-                        unsure.store(false, Ordering::Release);
+                        declared_here.store(false, Ordering::Release);
                         tracing::warn!("lost the connection to NATS; reconnecting");
                     }
                     Event::ServerError(_) | Event::ClientError(_) | Event::LameDuckMode => {
@@ -511,7 +511,6 @@ fn held_lock(held: &std::sync::Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
     held.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// One ack (or nak, term, progress) to send, and who waits for it.
 /// Declare `broker`'s streams whenever they may be missing (`declared` is
 /// false: at start-up, after a reconnect, after a call found one missing),
 /// retrying with backoff while NATS does not answer, and at once when woken.
@@ -544,6 +543,7 @@ async fn keep_declared(broker: Weak<NatsBroker>, recheck: Arc<Notify>) {
     }
 }
 
+/// One ack (or nak, term, progress) to send, and who waits for it.
 type AckOp = (Arc<jetstream::message::Acker>, AckKind, oneshot::Sender<Result<()>>);
 
 /// Send a source's acks in bursts. Woken by the first, it lets every other

@@ -35,6 +35,7 @@ const CHECKSUM: &str = "sha256";
 /// The cache folder of one engine's settings.
 pub struct ComponentCache {
     dir: PathBuf,
+    engine: Engine,
     /// Hash of the engine's settings that decide whether an artifact can be
     /// loaded (`Engine::precompile_compatibility_hash`).
     engine_tag: String,
@@ -49,19 +50,22 @@ impl ComponentCache {
         engine.precompile_compatibility_hash().hash(&mut hash);
         Ok(Self {
             dir,
+            engine: engine.clone(),
             engine_tag: format!("{:016x}", hash.finish()),
         })
     }
 
     /// Where the artifact of the component with `digest` lives.
-    pub fn path(&self, digest: &str) -> PathBuf {
+    fn path(&self, digest: &str) -> PathBuf {
         self.dir.join(format!("{digest}-{}.{ARTIFACT}", self.engine_tag))
     }
 
-    /// The cached artifact at `path`, if it is one this host wrote: its
-    /// checksum file must match (guarding against truncation and against
-    /// files put there by anyone else). Marks it used.
-    pub fn read(&self, engine: &Engine, path: &Path) -> Option<Component> {
+    /// The cached artifact of the component with `digest`, if it is one
+    /// this host wrote: its checksum file must match (guarding against
+    /// truncation and against files put there by anyone else). Marks it
+    /// used.
+    pub fn read(&self, digest: &str) -> Option<Component> {
+        let path = &self.path(digest);
         let artifact = std::fs::read(path).ok()?;
         let recorded = std::fs::read_to_string(path.with_extension(CHECKSUM)).ok()?;
         if recorded.trim() != hex::encode(Sha256::digest(&artifact)) {
@@ -71,8 +75,9 @@ impl ComponentCache {
         // SAFETY: the artifact was written by `write` of a host with the
         // same engine settings (both are in the file name) and is unchanged
         // since (checksum). Deserialising trusts it to be well-formed code.
-        match unsafe { Component::deserialize(engine, &artifact) } {
+        match unsafe { Component::deserialize(&self.engine, &artifact) } {
             Ok(c) => {
+                tracing::debug!(cache = %path.display(), "loaded compiled component from cache");
                 // Its last use, for `prune`. A folder that cannot be written
                 // to only makes the order less exact.
                 let _ = std::fs::File::options()
@@ -88,9 +93,11 @@ impl ComponentCache {
         }
     }
 
-    /// Store `compiled` at `path`: the checksum first, then the artifact
-    /// renamed into place, so a reader never sees half of one.
-    pub fn write(&self, path: &Path, compiled: &[u8]) -> Result<()> {
+    /// Store `compiled`, the artifact of the component with `digest`: the
+    /// checksum first, then the artifact renamed into place, so a reader
+    /// never sees half of one.
+    pub fn write(&self, digest: &str, compiled: &[u8]) -> Result<()> {
+        let path = &self.path(digest);
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         std::fs::write(&tmp, compiled).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::write(path.with_extension(CHECKSUM), hex::encode(Sha256::digest(compiled)))?;
@@ -228,8 +235,8 @@ mod tests {
         let cache = ComponentCache::open(dir.path().to_path_buf(), &engine).unwrap();
         // The empty component, in binary (the `wat` feature is off).
         let component = Component::new(&engine, b"\0asm\x0d\0\x01\0").unwrap();
+        cache.write("abc", &component.serialize().unwrap()).unwrap();
         let path = cache.path("abc");
-        cache.write(&path, &component.serialize().unwrap()).unwrap();
         let long_ago = SystemTime::now() - Duration::from_secs(86_400);
         std::fs::File::options()
             .write(true)
@@ -237,7 +244,7 @@ mod tests {
             .unwrap()
             .set_modified(long_ago)
             .unwrap();
-        assert!(cache.read(&engine, &path).is_some());
+        assert!(cache.read("abc").is_some());
         let used = std::fs::metadata(&path).unwrap().modified().unwrap();
         assert!(
             used > long_ago + Duration::from_secs(3600),

@@ -318,12 +318,8 @@ impl Runtime {
     pub fn load_file(&self, file: ComponentFile) -> Result<LoadedComponent> {
         let ComponentFile { path, bytes, digest } = file;
         let path = path.as_path();
-        let cached = self.cache.path(&digest);
-        let component = match self.cache.read(&self.engine, &cached) {
-            Some(component) => {
-                tracing::debug!(component = %path.display(), cache = %cached.display(), "loaded compiled component from cache");
-                component
-            }
+        let component = match self.cache.read(&digest) {
+            Some(component) => component,
             None => {
                 tracing::debug!(component = %path.display(), "compiling component");
                 let compiled = self.engine.precompile_component(&bytes);
@@ -331,7 +327,7 @@ impl Runtime {
                 let compiled = compiled
                     .map_err(anyhow::Error::from)
                     .with_context(|| format!("{} is not a valid WebAssembly component", path.display()))?;
-                self.cache.write(&cached, &compiled)?;
+                self.cache.write(&digest, &compiled)?;
                 // SAFETY: `compiled` was produced by this engine just now.
                 unsafe { Component::deserialize(&self.engine, &compiled) }.map_err(anyhow::Error::from)?
             }
