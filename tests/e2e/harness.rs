@@ -351,13 +351,33 @@ impl Host {
         .await
     }
 
-    /// Wait until no subject has ready or pending messages (dead letters may remain).
+    /// Every message the host counted as settled, by any handler.
+    async fn settled_total(&self) -> Result<u64> {
+        let text = self.metrics().await?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix("wharf_messages_total{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.trim().parse::<u64>().ok())
+            .sum())
+    }
+
+    /// Wait until no subject has ready or pending messages (dead letters may
+    /// remain) and the host's counts have caught up: a message leaves the
+    /// queue when its ack commits, and is counted just after, so the counts
+    /// must stay the same across one more poll of a drained queue.
     pub async fn wait_drained(&self, timeout: Duration) -> Result<Vec<QueueStats>> {
         let deadline = Instant::now() + timeout;
+        let mut counted = None;
         loop {
             let stats = self.stats().await?;
             if stats.iter().all(|s| s.ready == 0 && s.pending == 0) {
-                return Ok(stats);
+                let now = self.settled_total().await?;
+                if counted == Some(now) {
+                    return Ok(stats);
+                }
+                counted = Some(now);
+            } else {
+                counted = None;
             }
             anyhow::ensure!(
                 Instant::now() < deadline,
