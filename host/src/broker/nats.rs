@@ -4,7 +4,7 @@
 //! | source `kind` | guarantee | delivery | attempt | retry | dead letter |
 //! |---|---|---|---|---|---|
 //! | `core` (default) | **at-most-once** | queue subscription (`group`, default `wharf`) | 1 | in memory only | core publish of a copy |
-//! | `jetstream` | at-least-once | durable pull consumer, `fetch` in batches (the handler's concurrency at a time while there is a backlog: [`Prefetched`]), explicit acks | the delivery count in the ack metadata | `Nak` with the backoff delay | JetStream publish of a copy (with `Nats-Msg-Id`), then `Term` |
+//! | `jetstream` | at-least-once | durable pull consumer, `fetch` in batches (the handler's concurrency at a time while there is a backlog, the next pull out before the last runs out: [`Prefetched`]), explicit acks | the delivery count in the ack metadata | `Nak` with the backoff delay | JetStream publish of a copy (with `Nats-Msg-Id`), then `Term` |
 //!
 //! While an attempt holds a JetStream message, `Progress` is sent at least
 //! every third of the consumer's ack wait (one keeper per source walks the
@@ -237,7 +237,8 @@ impl NatsBroker {
         double_ack: bool,
         prefetch: usize,
     ) -> Arc<dyn Source> {
-        Arc::new(JetStreamSource {
+        Arc::new_cyclic(|me| JetStreamSource {
+            me: me.clone(),
             broker: self.clone(),
             stream: stream.to_string(),
             consumer_name: consumer.to_string(),
@@ -246,6 +247,7 @@ impl NatsBroker {
             double_ack,
             prefetch: prefetch.max(1),
             prefetched: Default::default(),
+            pulled: Notify::new(),
             consumer: Mutex::new(None),
             held: Default::default(),
             acks: std::sync::OnceLock::new(),
@@ -457,6 +459,8 @@ impl Acker for CoreAcker {
 // ---------------------------------------------------------------- JetStream
 
 struct JetStreamSource {
+    /// Itself, for the pull ahead's task ([`Self::pull_ahead`]).
+    me: Weak<JetStreamSource>,
     broker: Arc<NatsBroker>,
     stream: String,
     consumer_name: String,
@@ -467,6 +471,8 @@ struct JetStreamSource {
     prefetch: usize,
     /// Messages pulled but not yet handed to the engine.
     prefetched: std::sync::Mutex<Prefetched>,
+    /// Told when the pull ahead has ended.
+    pulled: Notify,
     consumer: Mutex<Option<jetstream::consumer::Consumer<pull::Config>>>,
     /// Messages an attempt holds, kept alive by [`keep_alive`].
     held: Arc<std::sync::Mutex<Held>>,
@@ -485,17 +491,26 @@ struct JetStreamSource {
 /// came back full) a pull asks for `prefetch` messages, the handler's
 /// concurrency, as the native consumers and nats.js' `consume()` do; a pull
 /// that comes back short means the backlog is gone, and the next asks only
-/// for the free slots again. At most `prefetch` messages wait here, kept
-/// alive by [`keep_alive`] like those being handled. The cost: JetStream
-/// counts every delivery, so a message still waiting here when the host
-/// stops is given back (`Nak`) with a delivery counted that no attempt used,
-/// as one in a quorum queue's prefetch is; after a crash it comes back when
-/// its ack wait runs out, counted the same way.
+/// for the free slots again.
+///
+/// While there is a backlog, the next pull goes out *ahead*, as soon as no
+/// more than half of `prefetch` messages wait here (as `consume()` re-pulls at
+/// half its batch), in a task of its own ([`JetStreamSource::pull_ahead`]);
+/// without it every `prefetch` messages the handler's slots stood empty for
+/// a pull's round trip, and the host sat idle for two fifths of a drain. So
+/// at most one and a half times `prefetch` messages wait here, kept alive by
+/// [`keep_alive`] like those being handled. The cost: JetStream counts every
+/// delivery, so a message still waiting here when the host stops is given
+/// back (`Nak`) with a delivery counted that no attempt used, as one in a
+/// quorum queue's prefetch is; after a crash it comes back when its ack wait
+/// runs out, counted the same way.
 #[derive(Default)]
 struct Prefetched {
     waiting: std::collections::VecDeque<Delivery>,
     /// The last pull returned all it asked for: there is a backlog.
     backlog: bool,
+    /// A pull ahead is out; it ends by telling `JetStreamSource::pulled`.
+    ahead: bool,
     /// The source was stopped: nothing waits here any more.
     stopped: bool,
 }
@@ -605,13 +620,28 @@ impl JetStreamSource {
 impl Source for JetStreamSource {
     async fn receive(&self, max: usize, _lease: Duration) -> Result<Vec<Delivery>> {
         let max = max.max(1);
-        let ask = {
-            let mut p = prefetched_lock(&self.prefetched);
-            if !p.waiting.is_empty() {
-                let n = max.min(p.waiting.len());
-                return Ok(p.waiting.drain(..n).collect());
-            }
-            if p.backlog { max.max(self.prefetch) } else { max }
+        let ask = loop {
+            let ahead = {
+                let mut p = prefetched_lock(&self.prefetched);
+                if !p.waiting.is_empty() {
+                    let n = max.min(p.waiting.len());
+                    let out = p.waiting.drain(..n).collect();
+                    self.pull_ahead(&mut p);
+                    return Ok(out);
+                }
+                if p.stopped {
+                    // Stopped while this receive waited for the pull ahead:
+                    // take nothing more.
+                    return Ok(Vec::new());
+                }
+                if !p.ahead {
+                    break if p.backlog { max.max(self.prefetch) } else { max };
+                }
+                self.pulled.notified()
+            };
+            // Nothing waits here, but the pull ahead is out: its messages
+            // come sooner than a new pull's would.
+            self.wait_ahead(ahead).await;
         };
         let mut pulled = Vec::new();
         let failed = self.fetch(ask, &mut pulled).await.err();
@@ -641,6 +671,7 @@ impl Source for JetStreamSource {
                 extra
             } else {
                 p.waiting.extend(extra);
+                self.pull_ahead(&mut p);
                 Vec::new()
             }
         };
@@ -649,12 +680,64 @@ impl Source for JetStreamSource {
     }
 
     async fn stop(&self) {
-        let waiting: Vec<Delivery> = {
+        let (waiting, ahead) = {
             let mut p = prefetched_lock(&self.prefetched);
             p.stopped = true;
-            p.waiting.drain(..).collect()
+            (p.waiting.drain(..).collect(), p.ahead.then(|| self.pulled.notified()))
         };
         release_all(waiting).await;
+        // A pull ahead still out gives its messages back itself (it finds
+        // the source stopped); wait for that, so they are sent before exit.
+        if let Some(ahead) = ahead {
+            self.wait_ahead(ahead).await;
+        }
+    }
+}
+
+impl JetStreamSource {
+    /// Send the next pull out now, in a task of its own, if the stream has a
+    /// backlog and no more than half of `prefetch` messages are left
+    /// waiting (see [`Prefetched`]). Called with the lock held, so there is
+    /// never more than one pull ahead. A source that pulls one message at a
+    /// time (a rate-limited handler's) never pulls ahead: what it pulled
+    /// would only wait, out of other hosts' reach.
+    fn pull_ahead(&self, p: &mut Prefetched) {
+        if self.prefetch < 2 || !p.backlog || p.ahead || p.stopped || p.waiting.len() > self.prefetch / 2 {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else { return };
+        p.ahead = true;
+        tokio::spawn(async move {
+            let mut pulled = Vec::new();
+            let failed = me.fetch(me.prefetch, &mut pulled).await.err();
+            if let Some(e) = &failed {
+                // Said by the next receive, which pulls by itself (the
+                // backlog is forgotten) and meets the same failure.
+                tracing::debug!(consumer = %me.consumer_name, error = %format!("{e:#}"), received = pulled.len(), "JetStream pull ahead failed");
+                *me.consumer.lock().await = None;
+            }
+            tracing::debug!(consumer = %me.consumer_name, asked = me.prefetch, pulled = pulled.len(), "JetStream pull ahead");
+            let unwanted = {
+                let mut p = prefetched_lock(&me.prefetched);
+                p.backlog = failed.is_none() && pulled.len() == me.prefetch;
+                if p.stopped {
+                    pulled
+                } else {
+                    p.waiting.extend(pulled);
+                    Vec::new()
+                }
+            };
+            release_all(unwanted).await;
+            prefetched_lock(&me.prefetched).ahead = false;
+            me.pulled.notify_waiters();
+        });
+    }
+
+    /// Wait for the pull ahead to end; `ahead` was made while the lock was
+    /// held and the pull was out, so its end cannot be missed. Bounded by
+    /// more than a pull's own wait, in case its task never ends.
+    async fn wait_ahead(&self, ahead: tokio::sync::futures::Notified<'_>) {
+        let _ = tokio::time::timeout(FETCH_WAIT * 3, ahead).await;
     }
 }
 
