@@ -2,6 +2,7 @@
 //! backlog, the manifest that points wharf at it, and the native consumer —
 //! the same crates wharf uses, the same ack semantics and batch, no Wasm.
 
+use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -511,7 +512,11 @@ pub async fn native(t: &Target, urls: &Urls, n: usize, batch: usize) -> Result<(
                 let mut last = first?;
                 parse(&last.data)?;
                 let mut k = 1;
-                while let Ok(Some(next)) = tokio::time::timeout(Duration::ZERO, consumer.next()).await {
+                // What has already arrived, without waiting (a zero
+                // `timeout` waits for the timer's next tick, up to 1 ms).
+                while let Poll::Ready(Some(next)) =
+                    std::future::poll_fn(|cx| Poll::Ready(consumer.poll_next_unpin(cx))).await
+                {
                     last = next?;
                     parse(&last.data)?;
                     k += 1;
