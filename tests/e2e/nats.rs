@@ -271,6 +271,38 @@ async fn slow_consumer(
     Ok(stream)
 }
 
+/// A handler of the `slow` test program on `<prefix>.js.a`, with `extra` in
+/// its table, and its durable consumer, made with `ack_wait` before the
+/// host starts (the host binds to it), so a test can watch it from the
+/// first moment. `None` without NATS (outside CI).
+struct SlowHandler {
+    js: jetstream::Context,
+    subject: String,
+    manifest: String,
+    stream: jetstream::stream::Stream,
+}
+
+async fn slow_handler(extra: &str, ack_wait: Duration) -> Result<Option<SlowHandler>> {
+    let url = url();
+    let Some(client) = connect(&url).await else {
+        return Ok(None);
+    };
+    let js = jetstream::new(client);
+    let (p, s) = prefix();
+    let stream = slow_consumer(&js, &p, &s, ack_wait).await?;
+    let manifest = format!(
+        "{}{}",
+        broker(&url, &streams(&p, &s, 120)),
+        jetstream_handler("slow", "slow", &p, &s, "a", extra)
+    );
+    Ok(Some(SlowHandler {
+        js,
+        subject: format!("{p}.js.a"),
+        manifest,
+        stream,
+    }))
+}
+
 /// Wait until durable `consumer` of `stream` has nothing pending or unacked.
 async fn wait_drained(host: &Host, js: &jetstream::Context, stream: &str, consumer: &str) -> Result {
     host.wait_for("the consumer to drain", LONG, || {
@@ -411,123 +443,6 @@ fn private_nats(dir: tempfile::TempDir, port: u16) -> Result<PrivateServer> {
             .arg(dir);
         cmd
     })
-}
-
-/// While the stream has a backlog, the next pull goes out before the
-/// prefetched messages run out, so the handler's slots never stand empty
-/// for a pull's round trip. Here every slot is busy for seconds: without
-/// the pull ahead, nothing more than the running messages is pulled until
-/// one finishes; with it, one more pull's worth waits in the host, and no
-/// more than that. A graceful stop gives the waiting ones back.
-#[tokio::test]
-async fn nats_jetstream_pulls_ahead_while_slots_are_busy() -> Result {
-    const MESSAGES: usize = 40;
-    const CONCURRENCY: usize = 4;
-    let url = url();
-    let Some(client) = connect(&url).await else {
-        return Ok(());
-    };
-    let js = jetstream::new(client.clone());
-    let (p, s) = prefix();
-    let manifest = format!(
-        "{}{}",
-        broker(&url, &streams(&p, &s, 120)),
-        jetstream_handler(
-            "slow",
-            "slow",
-            &p,
-            &s,
-            "a",
-            &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 60000\n")
-        ),
-    );
-    let stream = slow_consumer(&js, &p, &s, Duration::from_secs(125)).await?;
-    publish_bodies(&js, &format!("{p}.js.a"), "m", MESSAGES, |_| {
-        "{\"sleep_ms\": 4000}".to_string()
-    })
-    .await?;
-    let setup = Setup::new(&manifest)?;
-    let host = setup.start().await?;
-    host.wait_for("a pull ahead of the running messages", LONG, || async {
-        Ok(stream.clone().consumer_info("slow").await?.num_ack_pending >= 2 * CONCURRENCY)
-    })
-    .await?;
-    assert_eq!(
-        host.outcome_count("slow", "acked").await?,
-        0,
-        "a message finished first; the test proves nothing"
-    );
-    // One pull ahead, not one after another.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let info = stream.clone().consumer_info("slow").await?;
-    assert_eq!(info.num_ack_pending, 2 * CONCURRENCY, "{info:?}");
-    assert_eq!(host.terminate()?, 0);
-    // The running ones finished and were acked.
-    let info = stream.clone().consumer_info("slow").await?;
-    assert_eq!(info.ack_floor.stream_sequence, CONCURRENCY as u64, "{info:?}");
-    // The waiting ones were given back: a pull gets them at once, each with
-    // the delivery the host counted (kept, they would come back only after
-    // the 125 s ack wait, and this pull would get new messages instead).
-    let consumer: jetstream::consumer::PullConsumer =
-        stream.get_consumer("slow").await.map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut back = consumer
-        .fetch()
-        .max_messages(CONCURRENCY)
-        .expires(Duration::from_secs(2))
-        .messages()
-        .await?;
-    let mut given_back = Vec::new();
-    while let Some(m) = back.next().await {
-        let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
-        let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
-        given_back.push((info.stream_sequence, info.delivered));
-    }
-    let expected: Vec<_> = (CONCURRENCY as u64 + 1..=2 * CONCURRENCY as u64)
-        .map(|seq| (seq, 2))
-        .collect();
-    assert_eq!(given_back, expected);
-    Ok(())
-}
-
-/// A rate-limited handler takes one message at a time, after the limit:
-/// its source pulls nothing ahead, so what it has not started stays on the
-/// server, in other hosts' reach.
-#[tokio::test]
-async fn nats_jetstream_rate_limited_handler_pulls_nothing_ahead() -> Result {
-    const MESSAGES: usize = 10;
-    let url = url();
-    let Some(client) = connect(&url).await else {
-        return Ok(());
-    };
-    let js = jetstream::new(client.clone());
-    let (p, s) = prefix();
-    let manifest = format!(
-        "{}{}",
-        broker(&url, &streams(&p, &s, 120)),
-        jetstream_handler(
-            "slow",
-            "slow",
-            &p,
-            &s,
-            "a",
-            "concurrency = 4\nrate_limit = { messages = 1, per_ms = 500 }\n"
-        ),
-    );
-    let stream = slow_consumer(&js, &p, &s, Duration::from_secs(125)).await?;
-    publish_backlog(&js, &format!("{p}.js.a"), "m", MESSAGES).await?;
-    let setup = Setup::new(&manifest)?;
-    let host = setup.start().await?;
-    let mut most = 0;
-    let deadline = std::time::Instant::now() + LONG;
-    while host.outcome_count("slow", "acked").await? < 4 {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "the handler did not run");
-        let info = stream.clone().consumer_info("slow").await?;
-        most = most.max(info.num_ack_pending);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(most, 1, "messages were pulled ahead of a rate-limited handler");
-    assert_eq!(host.terminate()?, 0);
-    Ok(())
 }
 
 /// A private nats-server with JetStream on a free port, with an empty
@@ -705,29 +620,23 @@ async fn nats_server_back_without_its_data_is_ready_only_with_its_streams() -> R
 #[tokio::test]
 async fn nats_jetstream_progress_keeps_slow_messages_past_the_ack_wait() -> Result {
     const MESSAGES: usize = 6;
-    let url = url();
-    let Some(client) = connect(&url).await else {
+    let Some(SlowHandler {
+        js,
+        subject,
+        manifest,
+        stream,
+    }) = slow_handler(
+        "concurrency = 8\ntimeout_ms = 5000\nconfig = { sleep_ms = \"2500\" }\n",
+        Duration::from_secs(1),
+    )
+    .await?
+    else {
         return Ok(());
     };
-    let js = jetstream::new(client.clone());
-    let (p, s) = prefix();
-    let stream = slow_consumer(&js, &p, &s, Duration::from_secs(1)).await?;
-    let manifest = format!(
-        "{}{}",
-        broker(&url, &streams(&p, &s, 120)),
-        jetstream_handler(
-            "slow",
-            "slow",
-            &p,
-            &s,
-            "a",
-            "concurrency = 8\ntimeout_ms = 5000\nconfig = { sleep_ms = \"2500\" }\n"
-        ),
-    );
     let setup = Setup::new(&manifest)?;
     let host = setup.start().await?;
     for i in 0..MESSAGES {
-        js.publish_with_headers(format!("{p}.js.a"), with_id(&format!("m{i}")), "{}".into())
+        js.publish_with_headers(subject.clone(), with_id(&format!("m{i}")), "{}".into())
             .await?
             .await?;
     }
@@ -754,32 +663,24 @@ async fn nats_jetstream_progress_keeps_slow_messages_past_the_ack_wait() -> Resu
 async fn nats_jetstream_prefetched_messages_go_back_at_shutdown() -> Result {
     const MESSAGES: usize = 40;
     const CONCURRENCY: usize = 4;
-    let url = url();
-    let Some(client) = connect(&url).await else {
+    let Some(SlowHandler {
+        js,
+        subject,
+        manifest,
+        stream,
+    }) = slow_handler(
+        &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 60000\n"),
+        Duration::from_secs(125),
+    )
+    .await?
+    else {
         return Ok(());
     };
-    let js = jetstream::new(client.clone());
-    let (p, s) = prefix();
-    let manifest = format!(
-        "{}{}",
-        broker(&url, &streams(&p, &s, 120)),
-        jetstream_handler(
-            "slow",
-            "slow",
-            &p,
-            &s,
-            "a",
-            &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 60000\n")
-        ),
-    );
-    // The consumer exists before the host starts (it binds to it), so the
-    // test can watch it from the first moment.
-    let stream = slow_consumer(&js, &p, &s, Duration::from_secs(125)).await?;
     let setup = Setup::new(&manifest)?;
     let host = setup.start().await?;
     // Attempts of 100 to 550 ms, so that slots free one at a time (in
     // lockstep, every pull would find every slot free and keep nothing).
-    publish_bodies(&js, &format!("{p}.js.a"), "m", MESSAGES, |i| {
+    publish_bodies(&js, &subject, "m", MESSAGES, |i| {
         format!("{{\"sleep_ms\": {}}}", 100 + (i % 4) * 150)
     })
     .await?;
@@ -806,6 +707,108 @@ async fn nats_jetstream_prefetched_messages_go_back_at_shutdown() -> Result {
     let db = setup.open()?;
     // A graceful stop lets running attempts finish: nothing ran twice.
     db.assert_every_message_handled((0..MESSAGES).map(|i| format!("m{i}")), 0);
+    Ok(())
+}
+
+/// While the stream has a backlog, the next pull goes out before the
+/// prefetched messages run out, so the handler's slots never stand empty
+/// for a pull's round trip. Here every slot is busy for seconds: without
+/// the pull ahead, nothing more than the running messages is pulled until
+/// one finishes; with it, one more pull's worth waits in the host, and no
+/// more than that. A graceful stop gives the waiting ones back.
+#[tokio::test]
+async fn nats_jetstream_pulls_ahead_while_slots_are_busy() -> Result {
+    const MESSAGES: usize = 40;
+    const CONCURRENCY: usize = 4;
+    let Some(SlowHandler {
+        js,
+        subject,
+        manifest,
+        stream,
+    }) = slow_handler(
+        &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 60000\n"),
+        Duration::from_secs(125),
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    publish_bodies(&js, &subject, "m", MESSAGES, |_| "{\"sleep_ms\": 4000}".to_string()).await?;
+    let setup = Setup::new(&manifest)?;
+    let host = setup.start().await?;
+    host.wait_for("a pull ahead of the running messages", LONG, || async {
+        Ok(stream.clone().consumer_info("slow").await?.num_ack_pending >= 2 * CONCURRENCY)
+    })
+    .await?;
+    assert_eq!(
+        host.outcome_count("slow", "acked").await?,
+        0,
+        "a message finished first; the test proves nothing"
+    );
+    // One pull ahead, not one after another.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let info = stream.clone().consumer_info("slow").await?;
+    assert_eq!(info.num_ack_pending, 2 * CONCURRENCY, "{info:?}");
+    assert_eq!(host.terminate()?, 0);
+    // The running ones finished and were acked.
+    let info = stream.clone().consumer_info("slow").await?;
+    assert_eq!(info.ack_floor.stream_sequence, CONCURRENCY as u64, "{info:?}");
+    // The waiting ones were given back: a pull gets them at once, each with
+    // the delivery the host counted (kept, they would come back only after
+    // the 125 s ack wait, and this pull would get new messages instead).
+    let consumer: jetstream::consumer::PullConsumer =
+        stream.get_consumer("slow").await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut back = consumer
+        .fetch()
+        .max_messages(CONCURRENCY)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await?;
+    let mut given_back = Vec::new();
+    while let Some(m) = back.next().await {
+        let m = m.map_err(|e| anyhow::anyhow!("{e}"))?;
+        let info = m.info().map_err(|e| anyhow::anyhow!("{e}"))?;
+        given_back.push((info.stream_sequence, info.delivered));
+    }
+    let expected: Vec<_> = (CONCURRENCY as u64 + 1..=2 * CONCURRENCY as u64)
+        .map(|seq| (seq, 2))
+        .collect();
+    assert_eq!(given_back, expected);
+    Ok(())
+}
+
+/// A rate-limited handler takes one message at a time, after the limit:
+/// its source pulls nothing ahead, so what it has not started stays on the
+/// server, in other hosts' reach.
+#[tokio::test]
+async fn nats_jetstream_rate_limited_handler_pulls_nothing_ahead() -> Result {
+    const MESSAGES: usize = 10;
+    let Some(SlowHandler {
+        js,
+        subject,
+        manifest,
+        stream,
+    }) = slow_handler(
+        "concurrency = 4\nrate_limit = { messages = 1, per_ms = 500 }\n",
+        Duration::from_secs(125),
+    )
+    .await?
+    else {
+        return Ok(());
+    };
+    publish_backlog(&js, &subject, "m", MESSAGES).await?;
+    let setup = Setup::new(&manifest)?;
+    let host = setup.start().await?;
+    let mut most = 0;
+    let deadline = std::time::Instant::now() + LONG;
+    while host.outcome_count("slow", "acked").await? < 4 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the handler did not run");
+        let info = stream.clone().consumer_info("slow").await?;
+        most = most.max(info.num_ack_pending);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(most, 1, "messages were pulled ahead of a rate-limited handler");
+    assert_eq!(host.terminate()?, 0);
     Ok(())
 }
 
