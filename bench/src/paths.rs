@@ -2,11 +2,10 @@
 //! backlog, the manifest that points wharf at it, and the native consumer —
 //! the same crates wharf uses, the same ack semantics and batch, no Wasm.
 
-use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 
 /// Where the brokers are (the machine's own, overridable like the tests).
 pub struct Urls {
@@ -514,9 +513,7 @@ pub async fn native(t: &Target, urls: &Urls, n: usize, batch: usize) -> Result<(
                 let mut k = 1;
                 // What has already arrived, without waiting (a zero
                 // `timeout` waits for the timer's next tick, up to 1 ms).
-                while let Poll::Ready(Some(next)) =
-                    std::future::poll_fn(|cx| Poll::Ready(consumer.poll_next_unpin(cx))).await
-                {
+                while let Some(Some(next)) = consumer.next().now_or_never() {
                     last = next?;
                     parse(&last.data)?;
                     k += 1;

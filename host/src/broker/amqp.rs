@@ -22,13 +22,12 @@
 mod acks;
 
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
     QueueBindOptions, QueueDeclareOptions,
@@ -412,12 +411,12 @@ impl Source for AmqpSource {
             }
             Ok(Some(Ok(d))) => out.push(self.delivery(d, &acks)),
         }
-        // Then whatever else has already arrived, without waiting: a zero
+        // Then whatever else has already arrived, without waiting (a zero
         // `timeout` here waited for the timer's next tick, up to 1 ms, every
-        // time the buffer ran dry.
+        // time the buffer ran dry).
         while out.len() < max {
-            match std::future::poll_fn(|cx| Poll::Ready(consumer.poll_next_unpin(cx))).await {
-                Poll::Ready(Some(Ok(d))) => out.push(self.delivery(d, &acks)),
+            match consumer.next().now_or_never() {
+                Some(Some(Ok(d))) => out.push(self.delivery(d, &acks)),
                 _ => break,
             }
         }

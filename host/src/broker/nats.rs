@@ -515,6 +515,20 @@ struct Prefetched {
     stopped: bool,
 }
 
+impl Prefetched {
+    /// Keep `extra`, brought by a pull that did (`backlog`) or did not fill
+    /// what it asked for, for the next receives; once the source is
+    /// stopped, return it instead, to be given back at once.
+    fn keep(&mut self, extra: Vec<Delivery>, backlog: bool) -> Vec<Delivery> {
+        self.backlog = backlog;
+        if self.stopped {
+            return extra;
+        }
+        self.waiting.extend(extra);
+        Vec::new()
+    }
+}
+
 /// The held messages of a source, by a number of their own.
 #[derive(Default)]
 struct Held {
@@ -643,14 +657,8 @@ impl Source for JetStreamSource {
             // come sooner than a new pull's would.
             self.wait_ahead(ahead).await;
         };
-        let mut pulled = Vec::new();
-        let failed = self.fetch(ask, &mut pulled).await.err();
-        // A whole pull that filled what it asked for: there is a backlog.
-        let backlog = failed.is_none() && pulled.len() == ask;
+        let (mut pulled, backlog, failed) = self.pull(ask).await;
         if let Some(e) = failed {
-            // The consumer may be gone (a server that came back without its
-            // data): look it up, or make it, again on the next receive.
-            *self.consumer.lock().await = None;
             if pulled.is_empty() {
                 return Err(e);
             }
@@ -665,15 +673,9 @@ impl Source for JetStreamSource {
         };
         let unwanted = {
             let mut p = prefetched_lock(&self.prefetched);
-            p.backlog = backlog;
-            if p.stopped {
-                // Stopped while the pull was out: give the extra back at once.
-                extra
-            } else {
-                p.waiting.extend(extra);
-                self.pull_ahead(&mut p);
-                Vec::new()
-            }
+            let unwanted = p.keep(extra, backlog);
+            self.pull_ahead(&mut p);
+            unwanted
         };
         release_all(unwanted).await;
         Ok(pulled)
@@ -708,25 +710,14 @@ impl JetStreamSource {
         let Some(me) = self.me.upgrade() else { return };
         p.ahead = true;
         tokio::spawn(async move {
-            let mut pulled = Vec::new();
-            let failed = me.fetch(me.prefetch, &mut pulled).await.err();
+            let (pulled, backlog, failed) = me.pull(me.prefetch).await;
             if let Some(e) = &failed {
                 // Said by the next receive, which pulls by itself (the
                 // backlog is forgotten) and meets the same failure.
                 tracing::debug!(consumer = %me.consumer_name, error = %format!("{e:#}"), received = pulled.len(), "JetStream pull ahead failed");
-                *me.consumer.lock().await = None;
             }
             tracing::debug!(consumer = %me.consumer_name, asked = me.prefetch, pulled = pulled.len(), "JetStream pull ahead");
-            let unwanted = {
-                let mut p = prefetched_lock(&me.prefetched);
-                p.backlog = failed.is_none() && pulled.len() == me.prefetch;
-                if p.stopped {
-                    pulled
-                } else {
-                    p.waiting.extend(pulled);
-                    Vec::new()
-                }
-            };
+            let unwanted = prefetched_lock(&me.prefetched).keep(pulled, backlog);
             release_all(unwanted).await;
             prefetched_lock(&me.prefetched).ahead = false;
             me.pulled.notify_waiters();
@@ -758,6 +749,21 @@ fn prefetched_lock(p: &std::sync::Mutex<Prefetched>) -> std::sync::MutexGuard<'_
 }
 
 impl JetStreamSource {
+    /// Pull up to `ask` messages: what arrived, whether it filled `ask`
+    /// (there is a backlog), and the failure that cut the pull short, if
+    /// any. After a failure the consumer may be gone (a server that came
+    /// back without its data): the next pull looks it up, or makes it,
+    /// again.
+    async fn pull(&self, ask: usize) -> (Vec<Delivery>, bool, Option<anyhow::Error>) {
+        let mut pulled = Vec::new();
+        let failed = self.fetch(ask, &mut pulled).await.err();
+        if failed.is_some() {
+            *self.consumer.lock().await = None;
+        }
+        let backlog = failed.is_none() && pulled.len() == ask;
+        (pulled, backlog, failed)
+    }
+
     /// Pull up to `max` messages into `out`. On a failure part-way, `out`
     /// keeps what arrived before it.
     async fn fetch(&self, max: usize, out: &mut Vec<Delivery>) -> Result<()> {
