@@ -204,3 +204,60 @@ async fn sighup_and_wharf_reload_refuse_a_bad_component_with_its_reason() -> Res
     }
     Ok(())
 }
+
+/// A deployment that switches a folder link (`current -> releases/2`)
+/// rather than replacing the file: the watcher sees the switch, the next
+/// messages run the new release, and a later rebuild inside the new
+/// release's folder is seen too (the watch followed the link).
+#[tokio::test]
+async fn a_switched_release_folder_link_reloads_and_is_followed() -> Result {
+    let dir = tempfile::tempdir()?;
+    let releases = dir.path().join("releases");
+    for release in ["1", "2"] {
+        std::fs::create_dir_all(releases.join(release))?;
+    }
+    own_copy(&releases.join("1"), "ok")?;
+    own_copy(&releases.join("2"), "reloaded")?;
+    let current = dir.path().join("current");
+    std::os::unix::fs::symlink("releases/1", &current)?;
+    let component = current.join("handler.wasm");
+    let setup = Setup::new(&manifest(&component, ""))?;
+    let host = setup.start().await?;
+    host.publish("jobs", "{}", Some("before")).await?;
+    host.wait_drained(LONG).await?;
+
+    // Switched at once, as `ln -s releases/2 current.new && mv -T current.new current` does.
+    let switching = dir.path().join("current.new");
+    std::os::unix::fs::symlink("releases/2", &switching)?;
+    std::fs::rename(&switching, &current)?;
+    host.wait_for("the reload", LONG, || async {
+        Ok(reloads(&host, "replaced").await? == 1)
+    })
+    .await?;
+    host.publish("jobs", "{}", Some("after")).await?;
+    host.wait_drained(LONG).await?;
+
+    // A rebuild in place in the release now live: seen as well (the first
+    // build again, so its messages run without the `v2:` mark).
+    replace(&releases.join("2/handler.wasm"), &std::fs::read(program("ok"))?)?;
+    host.wait_for("the second reload", LONG, || async {
+        Ok(reloads(&host, "replaced").await? == 2)
+    })
+    .await?;
+    host.publish("jobs", "{}", Some("rebuilt")).await?;
+    host.wait_drained(LONG).await?;
+    assert_eq!(reloads(&host, "failed").await?, 0, "{}", host.logs());
+    let logs = host.logs();
+    assert_eq!(host.terminate()?, 0, "{logs}");
+
+    let db = setup.open()?;
+    for (id, on_v2) in [("before", 0), ("after", 1), ("rebuilt", 0)] {
+        assert_eq!(db.counter("default", &format!("runs:{id}")), 1, "{id}");
+        assert_eq!(
+            db.counter("default", &format!("v2:{id}")),
+            on_v2,
+            "{id} ran the wrong build"
+        );
+    }
+    Ok(())
+}
