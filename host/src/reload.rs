@@ -397,6 +397,7 @@ mod tests {
         assert_eq!(seen, BTreeSet::from([relative, file]));
         Ok(())
     }
+
     /// The next path the watcher reports, waiting at most 10 s.
     async fn next(rx: &mut mpsc::UnboundedReceiver<PathBuf>) -> Result<PathBuf> {
         tokio::time::timeout(Duration::from_secs(10), rx.recv())
