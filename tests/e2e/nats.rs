@@ -620,12 +620,7 @@ async fn nats_server_back_without_its_data_is_ready_only_with_its_streams() -> R
 #[tokio::test]
 async fn nats_jetstream_progress_keeps_slow_messages_past_the_ack_wait() -> Result {
     const MESSAGES: usize = 6;
-    let Some(SlowHandler {
-        js,
-        subject,
-        manifest,
-        stream,
-    }) = slow_handler(
+    let Some(h) = slow_handler(
         "concurrency = 8\ntimeout_ms = 5000\nconfig = { sleep_ms = \"2500\" }\n",
         Duration::from_secs(1),
     )
@@ -633,10 +628,10 @@ async fn nats_jetstream_progress_keeps_slow_messages_past_the_ack_wait() -> Resu
     else {
         return Ok(());
     };
-    let setup = Setup::new(&manifest)?;
+    let setup = Setup::new(&h.manifest)?;
     let host = setup.start().await?;
     for i in 0..MESSAGES {
-        js.publish_with_headers(subject.clone(), with_id(&format!("m{i}")), "{}".into())
+        h.js.publish_with_headers(h.subject.clone(), with_id(&format!("m{i}")), "{}".into())
             .await?
             .await?;
     }
@@ -644,7 +639,7 @@ async fn nats_jetstream_progress_keeps_slow_messages_past_the_ack_wait() -> Resu
         Ok(host.outcome_count("slow", "acked").await? == MESSAGES as u64)
     })
     .await?;
-    let info = stream.consumer_info("slow").await?;
+    let info = h.stream.consumer_info("slow").await?;
     assert_eq!(info.num_redelivered, 0, "a held message was redelivered: {info:?}");
     assert_eq!(info.num_ack_pending, 0);
     assert_eq!(host.terminate()?, 0);
@@ -663,12 +658,7 @@ async fn nats_jetstream_progress_keeps_slow_messages_past_the_ack_wait() -> Resu
 async fn nats_jetstream_prefetched_messages_go_back_at_shutdown() -> Result {
     const MESSAGES: usize = 40;
     const CONCURRENCY: usize = 4;
-    let Some(SlowHandler {
-        js,
-        subject,
-        manifest,
-        stream,
-    }) = slow_handler(
+    let Some(h) = slow_handler(
         &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 60000\n"),
         Duration::from_secs(125),
     )
@@ -676,17 +666,17 @@ async fn nats_jetstream_prefetched_messages_go_back_at_shutdown() -> Result {
     else {
         return Ok(());
     };
-    let setup = Setup::new(&manifest)?;
+    let setup = Setup::new(&h.manifest)?;
     let host = setup.start().await?;
     // Attempts of 100 to 550 ms, so that slots free one at a time (in
     // lockstep, every pull would find every slot free and keep nothing).
-    publish_bodies(&js, &subject, "m", MESSAGES, |i| {
+    publish_bodies(&h.js, &h.subject, "m", MESSAGES, |i| {
         format!("{{\"sleep_ms\": {}}}", 100 + (i % 4) * 150)
     })
     .await?;
     // More unacked than can run at once: some are waiting in the source.
     host.wait_for("messages prefetched beyond the running ones", LONG, || async {
-        Ok(stream.clone().consumer_info("slow").await?.num_ack_pending > CONCURRENCY)
+        Ok(h.stream.clone().consumer_info("slow").await?.num_ack_pending > CONCURRENCY)
     })
     .await?;
     assert_eq!(host.terminate()?, 0);
@@ -720,12 +710,7 @@ async fn nats_jetstream_prefetched_messages_go_back_at_shutdown() -> Result {
 async fn nats_jetstream_pulls_ahead_while_slots_are_busy() -> Result {
     const MESSAGES: usize = 40;
     const CONCURRENCY: usize = 4;
-    let Some(SlowHandler {
-        js,
-        subject,
-        manifest,
-        stream,
-    }) = slow_handler(
+    let Some(h) = slow_handler(
         &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 60000\n"),
         Duration::from_secs(125),
     )
@@ -733,11 +718,11 @@ async fn nats_jetstream_pulls_ahead_while_slots_are_busy() -> Result {
     else {
         return Ok(());
     };
-    publish_bodies(&js, &subject, "m", MESSAGES, |_| "{\"sleep_ms\": 4000}".to_string()).await?;
-    let setup = Setup::new(&manifest)?;
+    publish_bodies(&h.js, &h.subject, "m", MESSAGES, |_| "{\"sleep_ms\": 4000}".to_string()).await?;
+    let setup = Setup::new(&h.manifest)?;
     let host = setup.start().await?;
     host.wait_for("a pull ahead of the running messages", LONG, || async {
-        Ok(stream.clone().consumer_info("slow").await?.num_ack_pending >= 2 * CONCURRENCY)
+        Ok(h.stream.clone().consumer_info("slow").await?.num_ack_pending >= 2 * CONCURRENCY)
     })
     .await?;
     assert_eq!(
@@ -747,17 +732,20 @@ async fn nats_jetstream_pulls_ahead_while_slots_are_busy() -> Result {
     );
     // One pull ahead, not one after another.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let info = stream.clone().consumer_info("slow").await?;
+    let info = h.stream.clone().consumer_info("slow").await?;
     assert_eq!(info.num_ack_pending, 2 * CONCURRENCY, "{info:?}");
     assert_eq!(host.terminate()?, 0);
     // The running ones finished and were acked.
-    let info = stream.clone().consumer_info("slow").await?;
+    let info = h.stream.clone().consumer_info("slow").await?;
     assert_eq!(info.ack_floor.stream_sequence, CONCURRENCY as u64, "{info:?}");
     // The waiting ones were given back: a pull gets them at once, each with
     // the delivery the host counted (kept, they would come back only after
     // the 125 s ack wait, and this pull would get new messages instead).
-    let consumer: jetstream::consumer::PullConsumer =
-        stream.get_consumer("slow").await.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let consumer: jetstream::consumer::PullConsumer = h
+        .stream
+        .get_consumer("slow")
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut back = consumer
         .fetch()
         .max_messages(CONCURRENCY)
@@ -783,12 +771,7 @@ async fn nats_jetstream_pulls_ahead_while_slots_are_busy() -> Result {
 #[tokio::test]
 async fn nats_jetstream_rate_limited_handler_pulls_nothing_ahead() -> Result {
     const MESSAGES: usize = 10;
-    let Some(SlowHandler {
-        js,
-        subject,
-        manifest,
-        stream,
-    }) = slow_handler(
+    let Some(h) = slow_handler(
         "concurrency = 4\nrate_limit = { messages = 1, per_ms = 500 }\n",
         Duration::from_secs(125),
     )
@@ -796,14 +779,14 @@ async fn nats_jetstream_rate_limited_handler_pulls_nothing_ahead() -> Result {
     else {
         return Ok(());
     };
-    publish_backlog(&js, &subject, "m", MESSAGES).await?;
-    let setup = Setup::new(&manifest)?;
+    publish_backlog(&h.js, &h.subject, "m", MESSAGES).await?;
+    let setup = Setup::new(&h.manifest)?;
     let host = setup.start().await?;
     let mut most = 0;
     let deadline = std::time::Instant::now() + LONG;
     while host.outcome_count("slow", "acked").await? < 4 {
         anyhow::ensure!(std::time::Instant::now() < deadline, "the handler did not run");
-        let info = stream.clone().consumer_info("slow").await?;
+        let info = h.stream.clone().consumer_info("slow").await?;
         most = most.max(info.num_ack_pending);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
