@@ -4,6 +4,7 @@
 //! parses each, publishes it to an output stream and acks it; a reader on the
 //! output stream takes the end-to-end time of each. Same machine, same clock.
 
+use std::fmt::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Result, anyhow, bail};
@@ -12,6 +13,7 @@ use tokio::process::Command;
 use crate::Consumer;
 use crate::measure::{self, Wharf};
 use crate::paths::{self, Path, Target, Urls};
+use crate::suite::{REUSE, median};
 
 /// End-to-end latency of one run.
 #[derive(Debug, Clone, Copy)]
@@ -19,6 +21,10 @@ pub struct Latency {
     pub p50_us: f64,
     pub p99_us: f64,
     pub messages: usize,
+    /// Messages that came out of the pipeline per second while the producer
+    /// ran (after the warm-up): the offered rate while the consumer keeps
+    /// up, the pipeline's maximum once it does not.
+    pub delivered_per_s: f64,
 }
 
 fn now_us() -> u64 {
@@ -199,7 +205,8 @@ async fn measure_run(
         let () = pipe.query_async(&mut conn).await?;
         sent = due;
     }
-    let first_counted = now_us() - (duration.as_micros() as u64) + (duration.as_micros() as u64) / 5;
+    let produced_until = now_us();
+    let first_counted = produced_until - (duration.as_micros() as u64) + (duration.as_micros() as u64) / 5;
     let samples = reader.await??;
     if let Some(w) = wharf {
         w.stop().await?;
@@ -227,7 +234,18 @@ async fn measure_run(
         p50_us: p(0.5),
         p99_us: p(0.99),
         messages: lat.len(),
+        delivered_per_s: delivered_per_s(&samples, first_counted, produced_until),
     })
+}
+
+/// How many of `samples` (sent at, latency, index) arrived between `from`
+/// and `until` (µs since the epoch), per second.
+fn delivered_per_s(samples: &[(u64, u64, u64)], from: u64, until: u64) -> f64 {
+    let arrived = samples
+        .iter()
+        .filter(|(sent, latency, _)| (from..until).contains(&(sent + latency)))
+        .count();
+    arrived as f64 / (until.saturating_sub(from).max(1) as f64 / 1e6)
 }
 
 /// The native forwarder: consume the stream, parse, publish to `out`, ack.
@@ -252,5 +270,213 @@ pub async fn native_forwarder(t: &Target, urls: &Urls, out: &str, batch: usize) 
         // Publish confirmed before the ack, as wharf does with its outbox.
         let () = pipe.query_async(&mut conn).await?;
         paths::ack_group(&mut conn, &t.subject, &ids).await?;
+    }
+}
+
+/// The consumers each round of [`table`] runs, in turn: the native
+/// forwarder, wharf in its default mode and wharf in its fastest one.
+const CONSUMERS: [(Consumer, u32); 3] = [(Consumer::Native, 1), (Consumer::Wharf, 1), (Consumer::Wharf, REUSE)];
+
+fn consumer_name((consumer, reuse): (Consumer, u32)) -> String {
+    match consumer {
+        Consumer::Wharf if reuse > 1 => format!("wharf, `instance_reuse = {reuse}`"),
+        Consumer::Wharf => "wharf".into(),
+        _ => "native".into(),
+    }
+}
+
+/// One consumer's runs at one rate, a round each.
+type Runs = Vec<Result<Latency, String>>;
+
+/// The median of what `f` reads off the runs that worked.
+fn median_of(runs: &Runs, f: impl Fn(&Latency) -> f64) -> Option<f64> {
+    median(runs.iter().filter_map(|r| r.as_ref().ok()).map(f).collect())
+}
+
+/// The median of the rounds' own differences `runs` − `native` in what `f`
+/// reads: each compares two runs a few seconds apart, so a round the
+/// machine disturbed moves no median.
+fn added(runs: &Runs, native: &Runs, f: impl Fn(&Latency) -> f64) -> Option<f64> {
+    let differences = runs
+        .iter()
+        .zip(native)
+        .filter_map(|(r, n)| Some(f(r.as_ref().ok()?) - f(n.as_ref().ok()?)))
+        .collect();
+    median(differences)
+}
+
+/// One row of the table: the medians of a consumer's rounds at one rate,
+/// and (for wharf) the medians of its rounds' differences to native's.
+fn row(rate: u32, who: (Consumer, u32), runs: &Runs, native: &Runs) -> String {
+    let name = consumer_name(who);
+    let failed = runs.iter().filter(|r| r.is_err()).count();
+    let Some(p50) = median_of(runs, |l| l.p50_us) else {
+        let e = runs
+            .iter()
+            .find_map(|r| r.as_ref().err())
+            .map_or("not run", |e| e.as_str());
+        return format!(
+            "| {rate} | {name} | error: {} | | | | |",
+            e.lines().next().unwrap_or_default()
+        );
+    };
+    let p99 = median_of(runs, |l| l.p99_us).unwrap_or(p50);
+    let delivered = median_of(runs, |l| l.delivered_per_s).unwrap_or_default();
+    let show_added = |f: fn(&Latency) -> f64| match (who.0, added(runs, native, f)) {
+        (Consumer::Wharf, Some(d)) => format!("{d:+.0}"),
+        _ => String::new(),
+    };
+    let failed = if failed > 0 {
+        format!(" ({failed} round(s) failed)")
+    } else {
+        String::new()
+    };
+    format!(
+        "| {rate} | {name}{failed} | {p50:.0} | {p99:.0} | {delivered:.0} | {} | {} |",
+        show_added(|l| l.p50_us),
+        show_added(|l| l.p99_us),
+    )
+}
+
+/// The added-latency table of docs/BENCHMARKS.md: in `rounds` alternating
+/// rounds, the native forwarder and wharf (default, and `instance_reuse`)
+/// each run at a rate both sustain (5 000 msg/s) and at half the native
+/// pipeline's maximum (the issue's load). That maximum is the native
+/// forwarder's output while a producer offers it `saturating` msg/s (the
+/// native drain's maximum, which the forwarding pipeline cannot reach).
+/// A failed run is counted in `failures` and shown in its cell.
+pub async fn table(
+    component: &std::path::Path,
+    rounds: usize,
+    smoke: bool,
+    saturating: Option<f64>,
+    failures: &mut usize,
+) -> Result<String> {
+    let mut out = String::new();
+    let seconds = Duration::from_secs(if smoke { 1 } else { 10 });
+    let mut rates = vec![if smoke { 1000 } else { 5000 }];
+    if let Some(offered) = saturating.filter(|_| !smoke) {
+        let offered = offered as u32;
+        match run(component, Consumer::Native, offered, Duration::from_secs(4), 1).await {
+            Ok(l) => {
+                eprintln!(
+                    "latency: native pipeline at {offered} msg/s offered: {:.0} msg/s out",
+                    l.delivered_per_s
+                );
+                writeln!(
+                    out,
+                    "\nThe native pipeline's maximum: {:.0} msg/s out while {offered} msg/s (the native drain's maximum) went in for 4 s{}.",
+                    l.delivered_per_s,
+                    if l.delivered_per_s >= 0.95 * f64::from(offered) {
+                        " (it kept up: the maximum is at least this)"
+                    } else {
+                        ""
+                    }
+                )?;
+                rates.push((l.delivered_per_s / 2.0) as u32);
+            }
+            Err(e) => {
+                *failures += 1;
+                eprintln!("latency: native pipeline at {offered} msg/s: FAILED: {e:#}");
+                writeln!(out, "\nThe native pipeline's maximum: error: {e:#}")?;
+            }
+        }
+    }
+    // runs[rate][consumer]: a run per round.
+    let mut runs: Vec<[Runs; 3]> = rates.iter().map(|_| Default::default()).collect();
+    for round in 1..=rounds {
+        for (&rate, at_rate) in rates.iter().zip(&mut runs) {
+            for (&(consumer, reuse), cell) in CONSUMERS.iter().zip(at_rate.iter_mut()) {
+                let r = run(component, consumer, rate, seconds, reuse).await;
+                let what = format!(
+                    "round {round}: latency {rate} msg/s {}",
+                    consumer_name((consumer, reuse))
+                );
+                match &r {
+                    Ok(l) => eprintln!(
+                        "{what}: p50 {:.0} µs, p99 {:.0} µs, {:.0} msg/s out",
+                        l.p50_us, l.p99_us, l.delivered_per_s
+                    ),
+                    Err(e) => {
+                        *failures += 1;
+                        eprintln!("{what}: FAILED: {e:#}");
+                    }
+                }
+                cell.push(r.map_err(|e| format!("{e:#}")));
+            }
+        }
+    }
+    writeln!(
+        out,
+        "\nEnd-to-end latency, Redis stream in → consumer (parse, publish to an output stream, ack) → out; open-loop producer for {}s, first fifth not counted; \
+         the medians of {rounds} alternating round(s), and the medians of the rounds' own differences to native\n\n\
+         | rate msg/s | consumer | p50 µs | p99 µs | delivered msg/s | added p50 µs | added p99 µs |\n|---|---|---|---|---|---|---|",
+        seconds.as_secs()
+    )?;
+    for (&rate, at_rate) in rates.iter().zip(&runs) {
+        for (&who, cell) in CONSUMERS.iter().zip(at_rate) {
+            writeln!(out, "{}", row(rate, who, cell, &at_rate[0]))?;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ran(p50_us: f64, p99_us: f64) -> Result<Latency, String> {
+        Ok(Latency {
+            p50_us,
+            p99_us,
+            messages: 100,
+            delivered_per_s: 5000.0,
+        })
+    }
+
+    #[test]
+    fn delivered_counts_only_what_arrived_while_the_producer_ran() {
+        // (sent, latency, index), µs: arrivals at 1.1 s, 1.5 s, 2.9 s and,
+        // after the producer stopped at 3 s, at 3.5 s.
+        let samples = [
+            (1_000_000, 100_000, 0),
+            (1_400_000, 100_000, 1),
+            (2_000_000, 900_000, 2),
+            (2_500_000, 1_000_000, 3),
+        ];
+        assert_eq!(delivered_per_s(&samples, 1_000_000, 3_000_000), 1.5);
+        assert_eq!(delivered_per_s(&samples, 1_200_000, 3_000_000), 2.0 / 1.8);
+    }
+
+    #[test]
+    fn added_latency_is_the_median_of_the_rounds_own_differences() {
+        let native = vec![ran(500.0, 900.0), ran(480.0, 2_000.0), ran(470.0, 700.0)];
+        // Round 2 disturbed both; the medians of the cells would say +100,
+        // the rounds' own differences say +50.
+        let wharf = vec![ran(520.0, 950.0), ran(490.0, 2_300.0), ran(480.0, 750.0)];
+        assert_eq!(added(&wharf, &native, |l| l.p99_us), Some(50.0));
+        assert_eq!(added(&wharf, &native, |l| l.p50_us), Some(10.0));
+        let row = row(5000, (Consumer::Wharf, 1), &wharf, &native);
+        assert_eq!(row, "| 5000 | wharf | 490 | 950 | 5000 | +10 | +50 |");
+    }
+
+    #[test]
+    fn a_failed_round_is_left_out_of_the_differences_and_said() {
+        let native = vec![ran(500.0, 900.0), Err("redis down".into()), ran(470.0, 700.0)];
+        let wharf = vec![ran(520.0, 950.0), ran(490.0, 2_300.0), Err("no".into())];
+        assert_eq!(added(&wharf, &native, |l| l.p99_us), Some(50.0));
+        assert_eq!(
+            row(5000, (Consumer::Wharf, REUSE), &wharf, &native),
+            "| 5000 | wharf, `instance_reuse = 1000` (1 round(s) failed) | 520 | 2300 | 5000 | +20 | +50 |"
+        );
+        assert_eq!(
+            row(5000, (Consumer::Native, 1), &native, &native),
+            "| 5000 | native (1 round(s) failed) | 500 | 900 | 5000 |  |  |"
+        );
+        let failed = vec![Err("broker down\nmore".to_string())];
+        assert_eq!(
+            row(5000, (Consumer::Native, 1), &failed, &failed),
+            "| 5000 | native | error: broker down | | | | |"
+        );
     }
 }

@@ -14,6 +14,9 @@
 //!   µs per message and its peak resident memory from /proc.
 //! - `latency`: an open-loop producer at a fixed rate through a forwarding
 //!   consumer; end-to-end p50/p99.
+//! - `latency-table`: the suite's latency part on its own: native and wharf
+//!   (default and `instance_reuse`) in alternating rounds, at 5 000 msg/s
+//!   and at half the native pipeline's maximum.
 //! - `suite`: all of it, one table.
 
 /// The allocator the `wharf` binary uses, so that the in-process Wasm cost
@@ -123,6 +126,16 @@ enum Command {
         /// wharf only: the handler's `instance_reuse` (1: an instance per message).
         #[arg(long, default_value_t = 1)]
         instance_reuse: u32,
+    },
+    /// The suite's latency table on its own: native, wharf and wharf with
+    /// `instance_reuse` in alternating rounds, at 5 000 msg/s and at half
+    /// the native pipeline's maximum (found by a native drain first).
+    LatencyTable {
+        /// A rate of 1 000 msg/s for 1 s only: the test suite's run.
+        #[arg(long)]
+        smoke: bool,
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+        rounds: u16,
     },
     /// Everything, as the table in docs/BENCHMARKS.md.
     Suite {
@@ -332,9 +345,31 @@ async fn main() -> Result<()> {
             )
             .await?;
             println!(
-                "latency redis-stream {consumer:?} rate={rate}/s instance_reuse={instance_reuse}: p50 {:.0} µs, p99 {:.0} µs ({} messages)",
-                l.p50_us, l.p99_us, l.messages
+                "latency redis-stream {consumer:?} rate={rate}/s instance_reuse={instance_reuse}: p50 {:.0} µs, p99 {:.0} µs ({} messages, {:.0} msg/s out)",
+                l.p50_us, l.p99_us, l.messages, l.delivered_per_s
             );
+            Ok(())
+        }
+        Command::LatencyTable { smoke, rounds } => {
+            let component = component?;
+            let saturating = if smoke {
+                None
+            } else {
+                let native = DrainArgs {
+                    path: Path::RedisStream,
+                    consumer: Consumer::Native,
+                    messages: 100_000,
+                    payload_bytes: 100,
+                    concurrency: 100,
+                    dedup: false,
+                    instance_reuse: 1,
+                };
+                Some(suite::drain(&component, &native).await?.rate())
+            };
+            let mut failures = 0;
+            let table = latency::table(&component, rounds.into(), smoke, saturating, &mut failures).await?;
+            println!("{table}");
+            anyhow::ensure!(failures == 0, "{failures} measurement(s) failed (see above)");
             Ok(())
         }
         Command::Suite {

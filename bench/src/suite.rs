@@ -12,7 +12,7 @@ use crate::paths::{self, Path, Target, Urls};
 use crate::{Consumer, DrainArgs};
 
 /// The `instance_reuse` of the suite's fastest mode.
-const REUSE: u32 = 1000;
+pub const REUSE: u32 = 1000;
 
 /// A name no other run uses.
 fn run_id() -> String {
@@ -219,7 +219,7 @@ struct Row {
 type Cell = Vec<Result<Sample, String>>;
 
 /// The middle value (the upper one of an even count).
-fn median(mut values: Vec<f64>) -> Option<f64> {
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
     values.sort_by(f64::total_cmp);
     values.get(values.len() / 2).copied()
 }
@@ -515,37 +515,8 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
         )?;
     }
 
-    // Added latency: at half the native drain's maximum rate (the issue's
-    // load; wharf's own maximum may be below it, and then its backlog grows)
-    // and at a fixed rate both sustain. Smoke runs use a gentle fixed rate.
-    let mut rates = vec![if smoke { 1000 } else { 5000 }];
-    if let Some(r) = native_stream_rate
-        && !smoke
-    {
-        rates.push((r / 2.0) as u32);
-    }
-    let seconds = Duration::from_secs(if smoke { 1 } else { 10 });
-    writeln!(
-        out,
-        "\nEnd-to-end latency, Redis stream in → consumer (parse, publish to an output stream, ack) → out; open-loop producer for {}s, first fifth not counted\n\n\
-         | rate msg/s | consumer | p50 µs | p99 µs | messages |\n|---|---|---|---|---|",
-        seconds.as_secs()
-    )?;
-    for rate in rates {
-        for consumer in [Consumer::Wharf, Consumer::Native] {
-            match crate::latency::run(component, consumer, rate, seconds, 1).await {
-                Ok(l) => writeln!(
-                    out,
-                    "| {rate} | {consumer:?} | {:.0} | {:.0} | {} |",
-                    l.p50_us, l.p99_us, l.messages
-                )?,
-                Err(e) => {
-                    failures += 1;
-                    writeln!(out, "| {rate} | {consumer:?} | error: {e:#} | | |")?;
-                }
-            }
-        }
-    }
+    // Added latency, in rounds of its own after the drains.
+    out += &crate::latency::table(component, rounds, smoke, native_stream_rate, &mut failures).await?;
     println!("{out}");
     if failures > 0 {
         bail!("{failures} measurement(s) failed (see above)");
