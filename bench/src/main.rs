@@ -131,9 +131,10 @@ enum Command {
     /// `instance_reuse` in alternating rounds, at 5 000 msg/s and at half
     /// the native pipeline's maximum (found by a native drain first).
     LatencyTable {
-        /// A rate of 1 000 msg/s for 1 s only: the test suite's run.
+        /// 1 000 msg/s for 1 s only, as in the suite's smoke run.
         #[arg(long)]
         smoke: bool,
+        /// Rounds: each runs every consumer at every rate in turn.
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
         rounds: u16,
     },
