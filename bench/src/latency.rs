@@ -281,17 +281,13 @@ fn consumer_name((consumer, reuse): (Consumer, u32)) -> String {
     match consumer {
         Consumer::Wharf if reuse > 1 => format!("wharf, `instance_reuse = {reuse}`"),
         Consumer::Wharf => "wharf".into(),
-        _ => "native".into(),
+        Consumer::Native => "native".into(),
+        Consumer::Peer => "peer".into(),
     }
 }
 
 /// One consumer's runs at one rate, a round each.
 type Runs = Vec<Result<Latency, String>>;
-
-/// The median of what `f` reads off the runs that worked.
-fn median_of(runs: &Runs, f: impl Fn(&Latency) -> f64) -> Option<f64> {
-    median(runs.iter().filter_map(|r| r.as_ref().ok()).map(f).collect())
-}
 
 /// The median of the rounds' own differences `runs` − `native` in what `f`
 /// reads: each compares two runs a few seconds apart, so a round the
@@ -309,8 +305,8 @@ fn added(runs: &Runs, native: &Runs, f: impl Fn(&Latency) -> f64) -> Option<f64>
 /// and (for wharf) the medians of its rounds' differences to native's.
 fn row(rate: u32, who: (Consumer, u32), runs: &Runs, native: &Runs) -> String {
     let name = consumer_name(who);
-    let failed = runs.iter().filter(|r| r.is_err()).count();
-    let Some(p50) = median_of(runs, |l| l.p50_us) else {
+    let ok: Vec<&Latency> = runs.iter().filter_map(|r| r.as_ref().ok()).collect();
+    if ok.is_empty() {
         let e = runs
             .iter()
             .find_map(|r| r.as_ref().err())
@@ -319,9 +315,10 @@ fn row(rate: u32, who: (Consumer, u32), runs: &Runs, native: &Runs) -> String {
             "| {rate} | {name} | error: {} | | | | |",
             e.lines().next().unwrap_or_default()
         );
-    };
-    let p99 = median_of(runs, |l| l.p99_us).unwrap_or(p50);
-    let delivered = median_of(runs, |l| l.delivered_per_s).unwrap_or_default();
+    }
+    // Some: `ok` is not empty.
+    let median_of = |f: fn(&Latency) -> f64| median(ok.iter().map(|l| f(l)).collect()).unwrap_or_default();
+    let failed = runs.len() - ok.len();
     let show_added = |f: fn(&Latency) -> f64| match (who.0, added(runs, native, f)) {
         (Consumer::Wharf, Some(d)) => format!("{d:+.0}"),
         _ => String::new(),
@@ -332,7 +329,10 @@ fn row(rate: u32, who: (Consumer, u32), runs: &Runs, native: &Runs) -> String {
         String::new()
     };
     format!(
-        "| {rate} | {name}{failed} | {p50:.0} | {p99:.0} | {delivered:.0} | {} | {} |",
+        "| {rate} | {name}{failed} | {:.0} | {:.0} | {:.0} | {} | {} |",
+        median_of(|l| l.p50_us),
+        median_of(|l| l.p99_us),
+        median_of(|l| l.delivered_per_s),
         show_added(|l| l.p50_us),
         show_added(|l| l.p99_us),
     )
@@ -414,6 +414,7 @@ pub async fn table(
         seconds.as_secs()
     )?;
     for (&rate, at_rate) in rates.iter().zip(&runs) {
+        // `at_rate[0]`: the native forwarder's runs (`CONSUMERS[0]`).
         for (&who, cell) in CONSUMERS.iter().zip(at_rate) {
             writeln!(out, "{}", row(rate, who, cell, &at_rate[0]))?;
         }
