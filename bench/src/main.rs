@@ -317,7 +317,7 @@ async fn main() -> Result<()> {
         Command::Drain(args) => {
             let sample = suite::drain(&component?, &args).await?;
             println!(
-                "drain {} {:?} messages={} payload={}B concurrency={} dedup={} instance_reuse={}: {:.0} msg/s, CPU {:.1} µs/msg, peak RSS {:.1} MiB",
+                "drain {} {:?} messages={} payload={}B concurrency={} dedup={} instance_reuse={}: {:.0} msg/s, CPU {:.1} µs/msg, peak RSS {:.1} MiB, broker {}",
                 args.path.name(),
                 args.consumer,
                 args.messages,
@@ -327,7 +327,8 @@ async fn main() -> Result<()> {
                 args.instance_reuse,
                 sample.rate(),
                 sample.cpu_us_per_msg(),
-                sample.peak_rss_mib()
+                sample.peak_rss_mib(),
+                suite::broker_note(&sample)
             );
             Ok(())
         }

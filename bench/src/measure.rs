@@ -5,6 +5,11 @@
 //! resident at any of those samples (`/proc/<pid>/statm`). The consumer is always
 //! its own process — wharf, the native consumer, a Node.js peer — so the
 //! figures never include the producer or this harness.
+//!
+//! Beside it, the CPU the broker's server process spent in the same window
+//! ([`BrokerCpu`]): on two shared cores each µs a consumer makes the broker
+//! spend is one neither of them gets, so a consumer's own figure alone
+//! would not say where a gap between two consumers lies.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +35,9 @@ pub struct Sample {
     /// The most the consumer had resident (RSS) at any sample while it ran,
     /// KiB.
     pub peak_rss_kib: u64,
+    /// CPU the broker's server process used in the window, seconds; `None`
+    /// where it was not found (or is wharf's own, the embedded broker).
+    pub broker_cpu: Option<f64>,
 }
 
 impl Sample {
@@ -43,6 +51,10 @@ impl Sample {
 
     pub fn peak_rss_mib(&self) -> f64 {
         self.peak_rss_kib as f64 / 1024.0
+    }
+
+    pub fn broker_us_per_msg(&self) -> Option<f64> {
+        Some(self.broker_cpu? * 1e6 / self.messages.max(1) as f64)
     }
 }
 
@@ -112,12 +124,74 @@ fn page_kib() -> u64 {
     u64::try_from(bytes).map_or(4, |b| (b / 1024).max(1))
 }
 
-/// A point in a run: when, how many handled, CPU so far.
+/// The CPU a broker's server process has used: `utime + stime` from
+/// `/proc/<pid>/stat`, which counts every thread, ended ones too, in clock
+/// ticks (10 ms). One small read, so it can be taken at every sample without
+/// disturbing the run (RabbitMQ runs over a hundred threads; reading each
+/// one's `schedstat` every 10 ms would cost a share of a core); the ticks'
+/// coarseness is 1% of a one-second drain.
+pub struct BrokerCpu {
+    pid: u32,
+}
+
+impl BrokerCpu {
+    /// The one process named `name` (`/proc/<pid>/comm`); `None` if there
+    /// is none or more than one, so that CPU is never put on the wrong one.
+    pub fn find(name: &str) -> Option<Self> {
+        let mut found = std::fs::read_dir("/proc").ok()?.flatten().filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<u32>().ok()?;
+            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
+            (comm.trim_end() == name).then_some(pid)
+        });
+        let pid = found.next()?;
+        found.next().is_none().then_some(Self { pid })
+    }
+
+    /// CPU seconds so far, if the process is still there.
+    pub fn seconds(&self) -> Option<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        Some(stat_cpu_ticks(&stat)? as f64 / clock_ticks_per_second())
+    }
+}
+
+/// `utime + stime` of a `/proc/<pid>/stat` line. The fields are counted
+/// after the command name's closing parenthesis: the name itself may hold
+/// spaces and parentheses.
+fn stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    // After the name: state is field 3, so utime (14) and stime (15) are
+    // the 12th and 13th.
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime = fields.next()?.parse::<u64>().ok()?;
+    let stime = fields.next()?.parse::<u64>().ok()?;
+    Some(utime + stime)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
+/// A point in a run: when, how many handled, the consumer's CPU so far and
+/// the broker's.
 #[derive(Clone, Copy)]
 struct Mark {
     at: Instant,
     handled: usize,
     cpu: f64,
+    broker: Option<f64>,
+}
+
+impl Mark {
+    fn now(handled: usize, meter: &mut CpuMeter, broker: Option<&BrokerCpu>) -> Result<Self> {
+        Ok(Self {
+            at: Instant::now(),
+            handled,
+            cpu: meter.sample()?,
+            broker: broker.and_then(BrokerCpu::seconds),
+        })
+    }
 }
 
 fn window(from: Mark, to: Mark, meter: &CpuMeter) -> Sample {
@@ -127,6 +201,7 @@ fn window(from: Mark, to: Mark, meter: &CpuMeter) -> Sample {
         cpu: to.cpu - from.cpu,
         dropped: 0,
         peak_rss_kib: meter.peak_rss_kib(),
+        broker_cpu: to.broker.zip(from.broker).map(|(to, from)| to - from),
     }
 }
 
@@ -141,7 +216,13 @@ pub type OnReady = Option<tokio::task::JoinHandle<Result<()>>>;
 /// Run a consumer that reports `ready`, `first` and `done` on stdout (the
 /// native consumers and the Node.js peers) until it has handled `n`.
 /// `on_ready` starts when it says `ready`.
-pub async fn child_lines<F>(mut cmd: Command, n: usize, on_ready: F, lossy: bool) -> Result<Sample>
+pub async fn child_lines<F>(
+    mut cmd: Command,
+    n: usize,
+    on_ready: F,
+    lossy: bool,
+    broker: Option<&BrokerCpu>,
+) -> Result<Sample>
 where
     F: FnOnce() -> OnReady,
 {
@@ -179,13 +260,7 @@ where
             let status = child.wait().await?;
             bail!("the consumer exited ({status}) before handling {n} messages");
         };
-        let mut mark = |handled| -> Result<Mark> {
-            Ok(Mark {
-                at: Instant::now(),
-                handled,
-                cpu: meter.sample()?,
-            })
-        };
+        let mut mark = |handled| Mark::now(handled, &mut meter, broker);
         match line.trim() {
             "ready" => {
                 if let Some(f) = on_ready.take() {
@@ -287,13 +362,9 @@ impl Wharf {
 
     /// Poll until `n` messages are handled; the window runs from now (wharf
     /// is ready: it starts consuming at once) to the poll that sees all.
-    pub async fn drain(&mut self, n: usize, lossy: bool) -> Result<Sample> {
+    pub async fn drain(&mut self, n: usize, lossy: bool, broker: Option<&BrokerCpu>) -> Result<Sample> {
         let mut meter = CpuMeter::new(self.pid);
-        let start = Mark {
-            at: Instant::now(),
-            handled: self.handled().await?,
-            cpu: meter.sample()?,
-        };
+        let start = Mark::now(self.handled().await?, &mut meter, broker)?;
         let mut last_progress = start;
         let stall = if lossy { CORE_STALL } else { STALL };
         loop {
@@ -301,11 +372,7 @@ impl Wharf {
                 bail!("wharf exited ({status}) during the run");
             }
             let handled = self.handled().await?;
-            let mark = Mark {
-                at: Instant::now(),
-                handled,
-                cpu: meter.sample()?,
-            };
+            let mark = Mark::now(handled, &mut meter, broker)?;
             if handled > last_progress.handled {
                 last_progress = mark;
             }
@@ -381,6 +448,38 @@ mod tests {
             .and_then(|v| v.parse::<u64>().ok())
             .expect("run time") as f64
             / 1e9
+    }
+
+    #[test]
+    fn stat_cpu_is_read_after_a_name_with_spaces_and_parentheses() {
+        let stat = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1234 567 0 0 20 0 8 0 99 0 0";
+        assert_eq!(stat_cpu_ticks(stat), Some(1234 + 567));
+        assert_eq!(stat_cpu_ticks("4242 (short) S 1"), None);
+        assert_eq!(stat_cpu_ticks("no name at all"), None);
+    }
+
+    /// The reading counts every thread of the process, including one that
+    /// has ended (what a broker's own figure needs), and finds no process
+    /// by a name nobody has.
+    #[test]
+    fn broker_cpu_counts_a_process_whose_threads_ended() {
+        const BURN: f64 = 0.05;
+        let me = BrokerCpu {
+            pid: std::process::id(),
+        };
+        let start = me.seconds().expect("this process's stat");
+        std::thread::spawn(|| {
+            let mut x = 0u64;
+            while thread_cpu() < BURN {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+        })
+        .join()
+        .expect("join");
+        let after = me.seconds().expect("this process's stat");
+        // The ticks are 10 ms coarse.
+        assert!(after - start >= BURN - 0.02, "{after} - {start}");
+        assert!(BrokerCpu::find("no-such-broker-process").is_none());
     }
 
     /// A thread that used CPU and ended still counts: the meter keeps what

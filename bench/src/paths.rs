@@ -68,6 +68,17 @@ impl Path {
         }
     }
 
+    /// The broker's server process, by its name in `/proc/<pid>/comm`
+    /// (`None` for the embedded broker, which runs inside wharf).
+    pub fn broker_process(self) -> Option<&'static str> {
+        match self {
+            Path::Embedded => None,
+            Path::RedisStream | Path::RedisList => Some("redis-server"),
+            Path::AmqpClassic | Path::AmqpQuorum => Some("beam.smp"),
+            Path::Jetstream | Path::NatsCore => Some("nats-server"),
+        }
+    }
+
     /// Whether a backlog can be preloaded (everything but core NATS).
     pub fn preloads(self) -> bool {
         self != Path::NatsCore

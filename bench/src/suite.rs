@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use tokio::process::Command;
 
-use crate::measure::{self, Sample, Wharf};
+use crate::measure::{self, BrokerCpu, Sample, Wharf};
 use crate::paths::{self, Path, Target, Urls};
 use crate::{Consumer, DrainArgs};
 
@@ -74,6 +74,8 @@ async fn drain_on(component: &FsPath, a: &DrainArgs, t: &Target, urls: &Urls) ->
     let body = paths::payload(a.payload_bytes);
     let n = a.messages;
     let lossy = a.path == Path::NatsCore;
+    let broker = a.path.broker_process().and_then(BrokerCpu::find);
+    let broker = broker.as_ref();
     // Core NATS keeps nothing: the producer starts once the consumer is up.
     let producer = |t: &Target, body: &[u8]| {
         let (t, body, urls) = (t.clone(), body.to_vec(), Urls::from_env());
@@ -113,7 +115,7 @@ async fn drain_on(component: &FsPath, a: &DrainArgs, t: &Target, urls: &Urls) ->
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 produced = producer(t, &body);
             }
-            let sample = wharf.drain(n, lossy).await;
+            let sample = wharf.drain(n, lossy, broker).await;
             if sample.is_err() && std::env::var_os("WHARF_BENCH_KEEP").is_some() {
                 return sample;
             }
@@ -141,7 +143,7 @@ async fn drain_on(component: &FsPath, a: &DrainArgs, t: &Target, urls: &Urls) ->
                 &t.stream,
             ])
             .args(["--messages", &n.to_string(), "--batch", &a.concurrency.to_string()]);
-            measure::child_lines(cmd, n, || if lossy { producer(t, &body) } else { None }, lossy).await
+            measure::child_lines(cmd, n, || if lossy { producer(t, &body) } else { None }, lossy, broker).await
         }
         Consumer::Peer => {
             let script = peer_script(a.path).ok_or_else(|| anyhow!("no peer benchmark for {}", a.path.name()))?;
@@ -167,7 +169,7 @@ async fn drain_on(component: &FsPath, a: &DrainArgs, t: &Target, urls: &Urls) ->
             } else {
                 paths::preload(t, urls, n, &body).await?;
             }
-            measure::child_lines(node("consume"), n, || None, false).await
+            measure::child_lines(node("consume"), n, || None, false, broker).await
         }
     }
 }
@@ -268,10 +270,11 @@ async fn drain_logged(component: &FsPath, a: &DrainArgs, label: &str, failures: 
     );
     match &r {
         Ok(s) => eprintln!(
-            "{what}: {:.0} msg/s, {:.1} µs CPU/msg, peak RSS {:.1} MiB",
+            "{what}: {:.0} msg/s, {:.1} µs CPU/msg, peak RSS {:.1} MiB, broker {}",
             s.rate(),
             s.cpu_us_per_msg(),
-            s.peak_rss_mib()
+            s.peak_rss_mib(),
+            broker_note(s)
         ),
         Err(e) => {
             *failures += 1;
@@ -279,6 +282,12 @@ async fn drain_logged(component: &FsPath, a: &DrainArgs, label: &str, failures: 
         }
     }
     r
+}
+
+/// The broker's CPU per message, as a run's log says it.
+pub fn broker_note(s: &Sample) -> String {
+    s.broker_us_per_msg()
+        .map_or_else(|| "CPU not measured".into(), |b| format!("{b:.1} µs CPU/msg"))
 }
 
 /// The peer's name as a cell's prefix ("" where there is none).
@@ -291,15 +300,21 @@ fn peer_name(path: Path) -> &'static str {
     }
 }
 
+/// The median over the rounds that worked of `value`, where a round has
+/// one, to no decimals.
+fn show_median(c: &Cell, value: impl Fn(&Sample) -> Option<f64>) -> String {
+    let values = c.iter().filter_map(|r| value(r.as_ref().ok()?)).collect();
+    median(values).map_or_else(|| "—".into(), |m| format!("{m:.0}"))
+}
+
 /// The median round's peak resident memory, MiB.
 fn show_rss(c: &Cell) -> String {
-    let peaks = c
-        .iter()
-        .filter_map(|r| r.as_ref().ok())
-        .filter(|s| s.peak_rss_kib > 0)
-        .map(Sample::peak_rss_mib)
-        .collect();
-    median(peaks).map_or_else(|| "—".into(), |m| format!("{m:.0}"))
+    show_median(c, |s| (s.peak_rss_kib > 0).then(|| s.peak_rss_mib()))
+}
+
+/// The median round's broker CPU per message, µs.
+fn show_broker(c: &Cell) -> String {
+    show_median(c, Sample::broker_us_per_msg)
 }
 
 /// The median of the rounds' own ratios: a round's drains run back to back,
@@ -515,6 +530,26 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
         )?;
     }
 
+    writeln!(
+        out,
+        "\nCPU the broker's server process spent per message while the consumer drained, µs (`/proc/<pid>/stat`, 10 ms ticks; the median round; the embedded broker runs inside wharf, so its CPU is in wharf's figure)\n\n\
+         | path | payload | wharf | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | native Rust | peer |\n|---|---|---|---|---|---|---|"
+    )?;
+    for (path, payload, r) in &rows {
+        writeln!(
+            out,
+            "| {} | {} B | {} | {} | {} | {} | {}{} |",
+            path.name(),
+            payload,
+            show_broker(&r.wharf),
+            show_broker(&r.dedup),
+            show_broker(&r.reuse),
+            show_broker(&r.native),
+            peer_name(*path),
+            show_broker(&r.peer),
+        )?;
+    }
+
     // Added latency, in rounds of its own after the drains.
     out += &crate::latency::table(component, rounds, smoke, native_stream_rate, &mut failures).await?;
     println!("{out}");
@@ -535,6 +570,7 @@ mod tests {
             cpu: 0.01,
             dropped: 0,
             peak_rss_kib: 0,
+            broker_cpu: Some(0.02),
         })
     }
 
@@ -550,6 +586,24 @@ mod tests {
         assert_eq!(show(&vec![drained(100.0)]), "100 (10)");
         assert_eq!(show(&vec![Err("broker down\nmore".into())]), "error: broker down");
         assert_eq!(show(&Vec::new()), "—");
+    }
+
+    #[test]
+    fn the_broker_column_is_the_median_of_the_rounds_that_measured_it() {
+        let unmeasured = Ok(Sample {
+            broker_cpu: None,
+            ..drained(100.0).expect("a sample")
+        });
+        let more = Ok(Sample {
+            broker_cpu: Some(0.05),
+            ..drained(100.0).expect("a sample")
+        });
+        // 20 and 50 µs a message, a failed round and one without a reading:
+        // the median of what was measured.
+        let cell = vec![drained(100.0), unmeasured.clone(), Err("x".into()), more.clone(), more];
+        assert_eq!(show_broker(&cell), "50");
+        assert_eq!(show_broker(&vec![unmeasured]), "—");
+        assert_eq!(broker_note(&drained(1.0).expect("a sample")), "20.0 µs CPU/msg");
     }
 
     #[test]
