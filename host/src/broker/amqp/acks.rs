@@ -27,8 +27,8 @@
 //! Why the wait: with 100 messages in flight nearly every completion has an
 //! older message still running ahead of it, and acking each singly sent
 //! RabbitMQ a frame per 5–7 messages in the default mode, each costing the
-//! broker a channel operation. Waiting up to 1 ms sends 3× fewer frames and
-//! cuts RabbitMQ's CPU per message by 5–25% (`docs/BENCHMARKS.md`). The
+//! broker a channel operation. Waiting up to 1 ms sends 2–4× fewer frames
+//! and cuts RabbitMQ's CPU per message by 4–21% (`docs/BENCHMARKS.md`). The
 //! price: a finished message's ack, and its place in the prefetch, can be up
 //! to [`SWEEP_AFTER`] later; a host killed meanwhile hands it out again,
 //! as any unacked message (dedup absorbs it).
@@ -256,7 +256,11 @@ mod tests {
         let p = plan(&mut t, false);
         assert_eq!(only_tags(&p.prefix), [1]);
         assert!(p.single.is_empty() && p.requeue.is_empty());
-        assert_eq!(t.keys().copied().collect::<Vec<_>>(), [2, 3, 4], "held, and waiting behind it");
+        assert_eq!(
+            t.keys().copied().collect::<Vec<_>>(),
+            [2, 3, 4],
+            "held, and waiting behind it"
+        );
         assert!(t[&2].is_none() && t[&3].is_some() && t[&4].is_some());
     }
 
