@@ -349,6 +349,35 @@ async fn best_of_three<V: Copy, T: Copy, const N: usize>(
     Ok(best.map(|b| b.expect("every variant ran at least once")))
 }
 
+/// A table of one figure per consumer of every drained row, under `title`.
+fn per_consumer_table(
+    out: &mut String,
+    title: &str,
+    rows: &[(Path, usize, Row)],
+    figure: fn(&Cell) -> String,
+) -> std::fmt::Result {
+    writeln!(
+        out,
+        "\n{title}\n\n\
+         | path | payload | wharf | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | native Rust | peer |\n|---|---|---|---|---|---|---|"
+    )?;
+    for (path, payload, r) in rows {
+        writeln!(
+            out,
+            "| {} | {} B | {} | {} | {} | {} | {}{} |",
+            path.name(),
+            payload,
+            figure(&r.wharf),
+            figure(&r.dedup),
+            figure(&r.reuse),
+            figure(&r.native),
+            peer_name(*path),
+            figure(&r.peer),
+        )?;
+    }
+    Ok(())
+}
+
 /// Everything in docs/BENCHMARKS.md, printed as markdown.
 pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, rounds: usize) -> Result<()> {
     let n = messages.unwrap_or(if smoke { 300 } else { 100_000 });
@@ -510,45 +539,18 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
         )?;
     }
 
-    writeln!(
-        out,
-        "\nPeak resident memory (RSS) of the consumer process while it drained, MiB (sampled every 10 ms; the median round)\n\n\
-         | path | payload | wharf | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | native Rust | peer |\n|---|---|---|---|---|---|---|"
+    per_consumer_table(
+        &mut out,
+        "Peak resident memory (RSS) of the consumer process while it drained, MiB (sampled every 10 ms; the median round)",
+        &rows,
+        show_rss,
     )?;
-    for (path, payload, r) in &rows {
-        writeln!(
-            out,
-            "| {} | {} B | {} | {} | {} | {} | {}{} |",
-            path.name(),
-            payload,
-            show_rss(&r.wharf),
-            show_rss(&r.dedup),
-            show_rss(&r.reuse),
-            show_rss(&r.native),
-            peer_name(*path),
-            show_rss(&r.peer),
-        )?;
-    }
-
-    writeln!(
-        out,
-        "\nCPU the broker's server process spent per message while the consumer drained, µs (`/proc/<pid>/stat`, 10 ms ticks; the median round; the embedded broker runs inside wharf, so its CPU is in wharf's figure)\n\n\
-         | path | payload | wharf | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | native Rust | peer |\n|---|---|---|---|---|---|---|"
+    per_consumer_table(
+        &mut out,
+        "CPU the broker's server process spent per message while the consumer drained, µs (`/proc/<pid>/stat`, 10 ms ticks; the median round; the embedded broker runs inside wharf, so its CPU is in wharf's figure)",
+        &rows,
+        show_broker,
     )?;
-    for (path, payload, r) in &rows {
-        writeln!(
-            out,
-            "| {} | {} B | {} | {} | {} | {} | {}{} |",
-            path.name(),
-            payload,
-            show_broker(&r.wharf),
-            show_broker(&r.dedup),
-            show_broker(&r.reuse),
-            show_broker(&r.native),
-            peer_name(*path),
-            show_broker(&r.peer),
-        )?;
-    }
 
     // Added latency, in rounds of its own after the drains.
     out += &crate::latency::table(component, rounds, smoke, native_stream_rate, &mut failures).await?;
