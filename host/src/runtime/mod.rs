@@ -147,6 +147,9 @@ pub struct RuntimeConfig {
 /// The engine, linker and epoch ticker.
 pub struct Runtime {
     engine: Engine,
+    /// The settings that decide a compiled artifact: `engine`'s, less
+    /// how instances are allocated ([`compile`]).
+    compile_settings: Config,
     linker: Linker<StoreState>,
     cpu_budget: bool,
     cache: ComponentCache,
@@ -226,18 +229,28 @@ impl LoadedComponent {
     }
 }
 
-/// Give back to the system what compiling a component left free in the
-/// allocator. Compiling allocates tens of MiB, and mimalloc returns freed
-/// memory only after a delay, on later allocation activity, so a host that
-/// compiled at start-up and then idled kept it resident: 81 MiB at idle
-/// after compiling the benchmark handler against 31 MiB when it came from
-/// the cache; 59–64 MiB with this. (A compile on a thread pool of its own,
-/// whose threads end with it, gave back ~4 MiB more: not worth a pool per
-/// compile.)
-fn release_compile_memory() {
+/// Compile `bytes` into an artifact for engines with `settings`, on an
+/// engine of its own that is dropped afterwards, then give back to the
+/// system what the compile left free.
+///
+/// Why its own engine: an engine keeps the compiler's working state (one
+/// Cranelift context per thread that compiled, each as large as the largest
+/// function it has seen) for its whole life, so a host that compiled at
+/// start-up carried ~25 MiB of it while it ran. And why each thread: the
+/// compile runs on rayon's threads, and mimalloc gives a thread's freed
+/// pages back only when that thread allocates again, which an idle pool
+/// thread never does. Idle RSS after compiling the benchmark handler: 64
+/// MiB with neither, 60–62 with the per-thread collect alone, 36–39 with
+/// both, against 29–31 when it came from the cache (`docs/BENCHMARKS.md`).
+/// The price is an engine built per compile, a few milliseconds against the
+/// compile's hundreds.
+fn compile(settings: &Config, bytes: &[u8]) -> wasmtime::Result<Vec<u8>> {
+    let compiled = Engine::new(settings).and_then(|compiler| compiler.precompile_component(bytes));
     // SAFETY: mi_collect only frees memory the allocator holds unused (none
     // in a binary whose global allocator is another).
+    rayon::broadcast(|_| unsafe { libmimalloc_sys::mi_collect(true) });
     unsafe { libmimalloc_sys::mi_collect(true) };
+    compiled
 }
 
 /// The CPU budget of an attempt ran out.
@@ -263,11 +276,14 @@ impl Runtime {
             .linear_memory_keep_resident(KEEP_RESIDENT)
             .table_keep_resident(KEEP_RESIDENT)
             .pagemap_scan(wasmtime::Enabled::Auto);
-        let mut config = Config::new();
-        config
+        // Every setting that shapes compiled code goes here, so that the
+        // engines that compile ([`compile`]) and the one that runs agree.
+        let mut compile_settings = Config::new();
+        compile_settings
             .epoch_interruption(cfg.cpu_budget)
-            .wasm_component_model(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            .wasm_component_model(true);
+        let mut config = compile_settings.clone();
+        config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
             .context("creating the Wasm engine")?;
@@ -298,6 +314,7 @@ impl Runtime {
         let cache = ComponentCache::open(cfg.cache_dir, &engine)?;
         Ok(Self {
             engine,
+            compile_settings,
             linker,
             cpu_budget: cfg.cpu_budget,
             cache,
@@ -322,13 +339,12 @@ impl Runtime {
             Some(component) => component,
             None => {
                 tracing::debug!(component = %path.display(), "compiling component");
-                let compiled = self.engine.precompile_component(&bytes);
-                release_compile_memory();
-                let compiled = compiled
+                let compiled = compile(&self.compile_settings, &bytes)
                     .map_err(anyhow::Error::from)
                     .with_context(|| format!("{} is not a valid WebAssembly component", path.display()))?;
                 self.cache.write(&digest, &compiled)?;
-                // SAFETY: `compiled` was produced by this engine just now.
+                // SAFETY: `compiled` was produced just now, with this engine's
+                // settings (deserialize checks that they match).
                 unsafe { Component::deserialize(&self.engine, &compiled) }.map_err(anyhow::Error::from)?
             }
         };
@@ -496,4 +512,32 @@ pub fn check_component(runtime: &Runtime, path: &Path) -> Result<()> {
         bail!("no component at {}", path.display());
     }
     runtime.load(path).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The engine that compiles is not the one that runs: what it makes must
+    /// load into the running one, whatever the CPU budget setting (a setting
+    /// added to one engine and not the other fails here, not at a user's
+    /// first start).
+    #[test]
+    fn what_the_compile_engine_makes_loads_into_the_running_engine() {
+        for cpu_budget in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let runtime = Runtime::new(RuntimeConfig {
+                max_instances: 1,
+                max_memory_bytes: 1 << 20,
+                cache_dir: dir.path().to_path_buf(),
+                cpu_budget,
+            })
+            .unwrap();
+            // The empty component, in binary (the `wat` feature is off).
+            let compiled = compile(&runtime.compile_settings, b"\0asm\x0d\0\x01\0").unwrap();
+            // SAFETY: compiled just now, by `compile`.
+            let loaded = unsafe { Component::deserialize(&runtime.engine, &compiled) };
+            assert!(loaded.is_ok(), "cpu_budget {cpu_budget}: {:?}", loaded.err());
+        }
+    }
 }
