@@ -239,11 +239,11 @@ impl LoadedComponent {
 /// start-up carried ~25 MiB of it while it ran. And why each thread: the
 /// compile runs on rayon's threads, and mimalloc gives a thread's freed
 /// pages back only when that thread allocates again, which an idle pool
-/// thread never does. Idle RSS after compiling the benchmark handler: 64
-/// MiB with neither, 60–62 with the per-thread collect alone, 36–39 with
-/// both, against 29–31 when it came from the cache (`docs/BENCHMARKS.md`).
-/// The price is an engine built per compile, a few milliseconds against the
-/// compile's hundreds.
+/// thread never does. Idle RSS after compiling the benchmark handler: 62
+/// MiB with neither, 59–61 with the per-thread collect alone, 33–38 with
+/// both, against 28–31 when it came from the cache (`docs/BENCHMARKS.md`).
+/// The price is an engine built per compile: under 5 ms, against the
+/// hundreds a compile takes.
 fn compile(settings: &Config, bytes: &[u8]) -> wasmtime::Result<Vec<u8>> {
     let compiled = Engine::new(settings).and_then(|compiler| compiler.precompile_component(bytes));
     // SAFETY: mi_collect only frees memory the allocator holds unused (none
