@@ -356,26 +356,37 @@ fn per_consumer_table(
     rows: &[(Path, usize, Row)],
     figure: fn(&Cell) -> String,
 ) -> std::fmt::Result {
-    writeln!(
-        out,
-        "\n{title}\n\n\
-         | path | payload | wharf | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | native Rust | peer |\n|---|---|---|---|---|---|---|"
-    )?;
+    let (header, rule) = consumer_header();
+    writeln!(out, "\n{title}\n\n{header} |\n{rule}|")?;
     for (path, payload, r) in rows {
-        writeln!(
-            out,
-            "| {} | {} B | {} | {} | {} | {} | {}{} |",
-            path.name(),
-            payload,
-            figure(&r.wharf),
-            figure(&r.dedup),
-            figure(&r.reuse),
-            figure(&r.native),
-            peer_name(*path),
-            figure(&r.peer),
-        )?;
+        writeln!(out, "{} |", consumer_cells(*path, *payload, r, figure))?;
     }
     Ok(())
+}
+
+/// The header of the columns [`consumer_cells`] fills, and its rule; the
+/// caller closes both (or adds columns).
+fn consumer_header() -> (String, &'static str) {
+    (
+        format!("| path | payload | wharf | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | native Rust | peer"),
+        "|---|---|---|---|---|---|---",
+    )
+}
+
+/// A row's path, payload and one `figure` per consumer, in the order of
+/// [`consumer_header`]; the caller closes the row (or adds columns).
+fn consumer_cells(path: Path, payload: usize, r: &Row, figure: fn(&Cell) -> String) -> String {
+    format!(
+        "| {} | {} B | {} | {} | {} | {} | {}{}",
+        path.name(),
+        payload,
+        figure(&r.wharf),
+        figure(&r.dedup),
+        figure(&r.reuse),
+        figure(&r.native),
+        peer_name(path),
+        figure(&r.peer),
+    )
 }
 
 /// Everything in docs/BENCHMARKS.md, printed as markdown.
@@ -470,10 +481,11 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
         }
     }
     let native_stream_rate = median(native_stream_rates);
+    let (header, rule) = consumer_header();
     writeln!(
         out,
         "\n{n} messages per drain, 100 in flight; msg/s (consumer CPU µs/msg){}\n\n\
-         | path | payload | wharf | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | native Rust | peer | wharf / native | reuse / native | wharf / peer |\n|---|---|---|---|---|---|---|---|---|---|",
+         {header} | wharf / native | reuse / native | wharf / peer |\n{rule}|---|---|---|",
         if rounds > 1 {
             format!("; the median of {rounds} alternating rounds, and the median of the rounds' ratios")
         } else {
@@ -483,15 +495,8 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
     for (path, payload, r) in &rows {
         writeln!(
             out,
-            "| {} | {} B | {} | {} | {} | {} | {}{} | {} | {} | {} |",
-            path.name(),
-            payload,
-            show(&r.wharf),
-            show(&r.dedup),
-            show(&r.reuse),
-            show(&r.native),
-            peer_name(*path),
-            show(&r.peer),
+            "{} | {} | {} | {} |",
+            consumer_cells(*path, *payload, r, show),
             ratio(&r.wharf, &r.native),
             ratio(&r.reuse, &r.native),
             ratio(&r.wharf, &r.peer),
