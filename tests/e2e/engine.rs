@@ -1,7 +1,8 @@
 //! The delivery engine in process, with a source whose acks the test holds
 //! back: what a message holds while the broker has not yet confirmed its
-//! ack (`delivery::Slot`). No broker here on purpose: a real one confirms
-//! too fast to hold an ack open.
+//! ack (`delivery::Slot`), and what a shutdown that gives up does to an ack
+//! under way. No broker here on purpose: a real one confirms too fast to
+//! hold an ack open.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,10 +29,12 @@ struct Seen {
     handed_out: Mutex<Vec<String>>,
     acks_asked: AtomicUsize,
     acks_confirmed: AtomicUsize,
+    released: Mutex<Vec<String>>,
     changed: Notify,
 }
 
 struct HeldAcker {
+    id: String,
     seen: Arc<Seen>,
     confirm: watch::Receiver<bool>,
 }
@@ -53,6 +56,12 @@ impl Acker for HeldAcker {
         bail!("the ok handler never fails")
     }
     async fn release(&self) -> anyhow::Result<()> {
+        self.seen
+            .released
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(self.id.clone());
+        self.seen.changed.notify_waiters();
         Ok(())
     }
     async fn defer(&self, _: Duration) -> anyhow::Result<()> {
@@ -86,7 +95,7 @@ impl Source for Queue {
         Ok(taken
             .into_iter()
             .map(|id| Delivery {
-                id,
+                id: id.clone(),
                 subject: "held".into(),
                 payload: Bytes::from_static(b"{}"),
                 headers: vec![],
@@ -96,6 +105,7 @@ impl Source for Queue {
                 redelivered: false,
                 first_seen_ms: 0,
                 acker: Box::new(HeldAcker {
+                    id,
                     seen: self.seen.clone(),
                     confirm: self.confirm.clone(),
                 }),
@@ -135,29 +145,31 @@ impl Seen {
     }
 }
 
-/// With `concurrency = 1`: the first message, handled, waits for its ack
-/// without its slot, so the second is taken and run meanwhile; the second
-/// then waits for the settling place (still holding the slot), so a third
-/// is not taken until the first ack is confirmed. Then all are acked.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_handled_message_waits_for_its_ack_without_its_slot_within_a_budget() -> Result {
-    let dir = tempfile::tempdir()?;
+/// The `ok` handler at `concurrency = 1`, bound to a [`Queue`] of `ids`
+/// whose acks wait for `confirm`.
+fn held_binding(
+    dir: &std::path::Path,
+    name: &str,
+    ids: &[&str],
+    seen: &Arc<Seen>,
+    confirm: watch::Receiver<bool>,
+) -> anyhow::Result<(Arc<Runtime>, Arc<Binding>)> {
     let runtime = Arc::new(Runtime::new(RuntimeConfig {
         max_instances: 4,
         max_memory_bytes: 64 << 20,
-        cache_dir: dir.path().join("cache"),
+        cache_dir: dir.join("cache"),
         cpu_budget: true,
     })?);
     let component = Arc::new(runtime.load(&program("ok"))?);
     let context = Arc::new(HandlerContext {
         requester: None,
-        name: "held".into(),
+        name: name.into(),
         tenant: "default".into(),
         grants: Grants::default(),
         tenant_grants: Grants::default(),
         config: Default::default(),
         kv: Kv::new(
-            wharf::store::open_all(&dir.path().join("db"))?,
+            wharf::store::open_all(&dir.join("db"))?,
             "default",
             KvQuota {
                 max_keys: 10,
@@ -173,19 +185,17 @@ async fn a_handled_message_waits_for_its_ack_without_its_slot_within_a_budget() 
             instance_reuse: 1,
         },
     });
-    let seen = Arc::new(Seen::default());
-    let (confirm, confirmed) = watch::channel(false);
     let binding = Arc::new(Binding {
-        name: "held".into(),
+        name: name.into(),
         component: ArcSwap::new(component),
         context,
         source: Arc::new(Queue {
-            ids: Mutex::new(["m0", "m1", "m2"].map(String::from).into()),
+            ids: Mutex::new(ids.iter().map(|id| id.to_string()).collect()),
             seen: seen.clone(),
-            confirm: confirmed,
+            confirm,
         }),
         sink: Arc::new(NoSink),
-        dead_letter_queue: "held.dead".into(),
+        dead_letter_queue: format!("{name}.dead"),
         concurrency: 1,
         tenant_permits: Arc::new(Semaphore::new(1)),
         retry: RetryPolicy {
@@ -198,6 +208,19 @@ async fn a_handled_message_waits_for_its_ack_without_its_slot_within_a_budget() 
         rate_limit: None,
         metrics: OnceLock::new(),
     });
+    Ok((runtime, binding))
+}
+
+/// With `concurrency = 1`: the first message, handled, waits for its ack
+/// without its slot, so the second is taken and run meanwhile; the second
+/// then waits for the settling place (still holding the slot), so a third
+/// is not taken until the first ack is confirmed. Then all are acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handled_message_waits_for_its_ack_without_its_slot_within_a_budget() -> Result {
+    let dir = tempfile::tempdir()?;
+    let seen = Arc::new(Seen::default());
+    let (confirm, confirmed) = watch::channel(false);
+    let (runtime, binding) = held_binding(dir.path(), "held", &["m0", "m1", "m2"], &seen, confirmed)?;
     let shutdown = Shutdown::default();
     let consumer = tokio::spawn(run_binding(binding, runtime, shutdown.clone()));
 
@@ -223,5 +246,89 @@ async fn a_handled_message_waits_for_its_ack_without_its_slot_within_a_budget() 
     assert_eq!(seen.handed_out(), ["m0", "m1", "m2"]);
     shutdown.stop.cancel();
     consumer.await?;
+    Ok(())
+}
+
+/// A shutdown that gives up on what is in flight releases a message only
+/// while its fate is open. `m0` is handled and its ack is under way (held);
+/// `m1` has run and waits for the settling place. The abort releases `m1`,
+/// but not `m0`, whose ack stands: releasing it would contradict an ack the
+/// broker may already have, and count it released. `m0`'s ack, confirmed
+/// soon after the abort, is counted acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_that_gives_up_lets_an_ack_under_way_stand() -> Result {
+    let dir = tempfile::tempdir()?;
+    let seen = Arc::new(Seen::default());
+    let (confirm, confirmed) = watch::channel(false);
+    let (runtime, binding) = held_binding(dir.path(), "gives-up", &["m0", "m1"], &seen, confirmed)?;
+    let shutdown = Shutdown::default();
+    let consumer = tokio::spawn(run_binding(binding, runtime, shutdown.clone()));
+
+    seen.until("m0's ack to be under way and m1 taken", |s| {
+        s.acks_asked.load(Ordering::SeqCst) == 1 && s.handed_out().len() == 2
+    })
+    .await?;
+    // m1 runs (a few ms), then waits for m0's settling place.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shutdown.stop.cancel();
+    shutdown.abort.cancel();
+    seen.until("m1 to be released", |s| {
+        !s.released.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!consumer.is_finished(), "m0's ack was given up at once");
+    confirm.send(true)?;
+    tokio::time::timeout(Duration::from_secs(10), consumer).await??;
+
+    assert_eq!(*seen.released.lock().unwrap_or_else(|p| p.into_inner()), ["m1"]);
+    assert_eq!(seen.acks_confirmed.load(Ordering::SeqCst), 1, "m0's ack went through");
+    let metrics = wharf::telemetry::prometheus().expect("the recorder").render();
+    let count = |outcome: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("wharf_messages_total{")
+                    && l.contains("handler=\"gives-up\"")
+                    && l.contains(&format!("outcome=\"{outcome}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(
+        (count("acked"), count("released"), count("unknown")),
+        (1, 1, 0),
+        "{metrics}"
+    );
+    Ok(())
+}
+
+/// An ack the broker never confirms does not hold a shutdown that gave up
+/// for longer than `TELL_AFTER_ABORT` (1 s): it is counted unknown (the
+/// broker redelivers the message if it never got the ack), still not
+/// released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_that_gives_up_waits_for_an_ack_under_way_only_so_long() -> Result {
+    let dir = tempfile::tempdir()?;
+    let seen = Arc::new(Seen::default());
+    let (_confirm, confirmed) = watch::channel(false);
+    let (runtime, binding) = held_binding(dir.path(), "never-confirmed", &["m0"], &seen, confirmed)?;
+    let shutdown = Shutdown::default();
+    let consumer = tokio::spawn(run_binding(binding, runtime, shutdown.clone()));
+
+    seen.until("m0's ack to be under way", |s| s.acks_asked.load(Ordering::SeqCst) == 1)
+        .await?;
+    shutdown.stop.cancel();
+    shutdown.abort.cancel();
+    tokio::time::timeout(Duration::from_secs(10), consumer).await??;
+    assert!(seen.released.lock().unwrap_or_else(|p| p.into_inner()).is_empty());
+    assert_eq!(seen.acks_confirmed.load(Ordering::SeqCst), 0);
+    let metrics = wharf::telemetry::prometheus().expect("the recorder").render();
+    assert!(
+        metrics.lines().any(|l| l.contains("handler=\"never-confirmed\"")
+            && l.contains("outcome=\"unknown\"")
+            && l.ends_with(" 1")),
+        "{metrics}"
+    );
     Ok(())
 }

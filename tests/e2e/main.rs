@@ -400,14 +400,15 @@ async fn sigkill_mid_load_then_restart_loses_nothing() -> Result {
     Ok(())
 }
 
-/// A host whose `slow` handler (4 s per message, 5 s timeout, 4 at once) has
-/// four messages, `s0`..`s3`, in flight; `shutdown_grace_ms = grace_ms`.
-async fn four_slow_in_flight(grace_ms: u64) -> Result<(Setup, Host)> {
+/// A host whose `slow` handler (4 s per message, 5 s timeout, 4 at once,
+/// then the manifest text `more`) has four messages, `s0`..`s3`, in flight;
+/// `shutdown_grace_ms = grace_ms`.
+async fn four_slow_in_flight(grace_ms: u64, more: &str) -> Result<(Setup, Host)> {
     let setup = Setup::new(&handler(
         "slow",
         "slow",
         "jobs",
-        "concurrency = 4\ntimeout_ms = 5000\nconfig = { sleep_ms = \"4000\" }\n",
+        &format!("concurrency = 4\ntimeout_ms = 5000\nconfig = {{ sleep_ms = \"4000\" }}\n{more}"),
     ))?;
     let text = std::fs::read_to_string(&setup.manifest)?
         .replace("shutdown_grace_ms = 5000", &format!("shutdown_grace_ms = {grace_ms}"));
@@ -425,7 +426,7 @@ async fn four_slow_in_flight(grace_ms: u64) -> Result<(Setup, Host)> {
 
 #[tokio::test]
 async fn graceful_shutdown_releases_in_flight_without_counting_the_attempt() -> Result {
-    let (setup, host) = four_slow_in_flight(300).await?;
+    let (setup, host) = four_slow_in_flight(300, "").await?;
     let started = std::time::Instant::now();
     assert_eq!(host.terminate()?, 0, "graceful shutdown exits 0");
     assert!(
@@ -439,10 +440,26 @@ async fn graceful_shutdown_releases_in_flight_without_counting_the_attempt() -> 
     Ok(())
 }
 
+/// A message released by a shutdown that gave up on it drops its dedup
+/// claim, so its redelivery runs at once instead of being deferred until
+/// the claim expires with the lease (15 s here).
+#[tokio::test]
+async fn a_released_message_drops_its_dedup_claim() -> Result {
+    let (setup, host) = four_slow_in_flight(300, "[handlers.slow.dedup]\nttl_secs = 3600\n").await?;
+    assert_eq!(host.terminate()?, 0, "graceful shutdown exits 0");
+    let db = setup.open()?;
+    for i in 0..4 {
+        let id = format!("s{i}");
+        let claim = wharf::delivery::DedupStore::claim(&db.store, "slow", &id, Duration::from_secs(60)).await?;
+        assert_eq!(claim, wharf::delivery::Claim::Acquired, "{id}'s claim was left behind");
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn second_signal_exits_at_once_and_leases_bring_the_messages_back() -> Result {
     // A long grace: the first SIGTERM alone would wait for the 4 s handlers.
-    let (setup, mut host) = four_slow_in_flight(30_000).await?;
+    let (setup, mut host) = four_slow_in_flight(30_000, "").await?;
     let started = std::time::Instant::now();
     host.sigterm();
     host.wait_for("the first signal to be taken", LONG, || async {

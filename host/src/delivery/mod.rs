@@ -17,7 +17,13 @@
 //! unknown": the lease runs out, the message comes back, dedup absorbs it.
 //! On shutdown the loop stops taking messages (a receive under way is let
 //! finish and what it took released unrun), waits up to the grace period
-//! for in-flight ones, and releases the rest for immediate redelivery.
+//! for in-flight ones, and releases the rest for immediate redelivery,
+//! except those whose outcome is already being told to the broker: that
+//! outcome stands (the host waits up to [`TELL_AFTER_ABORT`] for it).
+//!
+//! Each delivery goes through two steps: [`decide`] (everything above up to
+//! the outcome, a [`Verdict`]) and [`tell`] (the one place the broker is
+//! told, and the outcome counted).
 
 pub mod dedup;
 mod retry;
@@ -145,7 +151,8 @@ pub enum Settled {
     Released,
     /// Given back unprocessed, for later (a copy was in flight).
     Deferred,
-    /// The broker could not be told; it will come back.
+    /// The broker could not be told, or had not confirmed when a shutdown
+    /// stopped waiting: it comes back unless the broker had it.
     Unknown,
 }
 
@@ -250,14 +257,27 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
             let mut slot = Slot {
                 running: Some(running),
                 settling: settling.clone(),
+                place: None,
+                claimed: false,
             };
             // Boxed: the attempt's future is several KiB (it holds the
             // Wasm call's), and spawn would otherwise copy it around.
             in_flight.spawn(Box::pin(async move {
-                tokio::select! {
-                    settled = process(&binding, &runtime, &delivery, payload, &mut slot) => settled,
-                    _ = abort.cancelled() => release(&binding, &delivery).await,
-                }
+                // A shutdown that gives up on what is in flight releases a
+                // message only while its fate is still open: once a verdict
+                // is being told to the broker, that verdict stands.
+                let verdict = tokio::select! {
+                    verdict = decide(&binding, &runtime, &delivery, payload, &mut slot) => verdict,
+                    _ = abort.cancelled() => {
+                        let released = release(&binding, &delivery).await;
+                        if slot.claimed {
+                            // Bounded: the shutdown has waited long enough.
+                            let _ = tokio::time::timeout(TELL_AFTER_ABORT, drop_claim(&binding, &delivery)).await;
+                        }
+                        return released;
+                    }
+                };
+                tell(&binding, &delivery, verdict, &slot, &abort).await
             }));
         }
     }
@@ -315,28 +335,38 @@ type Running = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 pub struct Slot {
     running: Option<Running>,
     settling: Arc<Semaphore>,
+    /// The place in the settling budget, once traded for `running`; held
+    /// until the broker confirms.
+    place: Option<OwnedSemaphorePermit>,
+    /// This delivery's attempt holds its dedup claim: dropped unless the
+    /// message is acked, so that a redelivery need not wait for it to
+    /// expire.
+    claimed: bool,
 }
 
 impl Slot {
-    /// Trade the running slot for a place in the settling budget; returns
-    /// that place, to hold until the ack is confirmed. Waits while the
+    /// Trade the running slot for a place in the settling budget, held
+    /// until the ack is confirmed. Waits while the
     /// settling budget is full, still holding the running slot, so the two
     /// budgets together bound what a crash can repeat.
     ///
     /// While it waits, the acks ahead of it may be held back by `source` for
     /// its next receive to carry, which cannot come while every slot waits
     /// here (always so at concurrency 1): `source` is told to send them now.
-    async fn settle_only(&mut self, source: &dyn Source) -> Option<OwnedSemaphorePermit> {
+    async fn settle_only(&mut self, source: &dyn Source) {
         let place = match self.settling.clone().try_acquire_owned() {
             Ok(place) => place,
-            Err(tokio::sync::TryAcquireError::Closed) => return None,
+            Err(tokio::sync::TryAcquireError::Closed) => return,
             Err(tokio::sync::TryAcquireError::NoPermits) => {
                 source.flush_acks();
-                self.settling.clone().acquire_owned().await.ok()?
+                let Ok(place) = self.settling.clone().acquire_owned().await else {
+                    return;
+                };
+                place
             }
         };
         self.running = None;
-        Some(place)
+        self.place = Some(place);
     }
 }
 
@@ -368,9 +398,25 @@ async fn take_slots(binding: &Binding, permits: &Arc<Semaphore>) -> Vec<Running>
     slots
 }
 
-/// Decide and carry out what happens to one delivery, whose payload has
-/// been taken out of it (so that the attempt gets it without a copy).
-async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery, payload: Bytes, slot: &mut Slot) -> Settled {
+/// What the broker is to be told about a delivery: the one decision
+/// [`decide`] makes, carried out by [`tell`].
+enum Verdict {
+    /// Handled: remove it.
+    Ack,
+    /// Already handled (dedup): remove it without running.
+    Duplicate,
+    /// Failed, transiently: deliver again after the delay.
+    Retry(Duration),
+    /// Failed for good: to the dead-letter queue, with these headers.
+    DeadLetter(Vec<(String, String)>),
+    /// A copy is in flight: give it back for after the delay.
+    Defer(Duration),
+}
+
+/// Decide what happens to one delivery, whose payload has been taken out of
+/// it (so that the attempt gets it without a copy): everything up to
+/// telling the broker, which [`tell`] does.
+async fn decide(binding: &Binding, runtime: &Runtime, d: &Delivery, payload: Bytes, slot: &mut Slot) -> Verdict {
     let limits = binding.context.limits;
     if payload.len() > limits.max_payload_bytes {
         let failure = Failure::new(
@@ -381,48 +427,35 @@ async fn process(binding: &Binding, runtime: &Runtime, d: &Delivery, payload: By
                 limits.max_payload_bytes
             ),
         );
-        return dead_letter(binding, d, &failure).await;
+        return dead_letter(binding, d, &failure);
     }
     if let Some((store, _)) = &binding.dedup {
         match store.claim(&binding.name, &d.id, binding.lease()).await {
-            Ok(Claim::Acquired) => {}
+            Ok(Claim::Acquired) => slot.claimed = true,
             Ok(Claim::Done) => {
                 tracing::debug!(handler = %binding.name, message_id = %d.id, "duplicate: acked without running");
-                return settle(binding, d, Settled::Deduplicated, d.acker.ack().await);
+                return Verdict::Duplicate;
             }
             Ok(Claim::Busy) => {
                 // A twin is being handled right now (here or on another
                 // host, or by a host that died, until its claim expires).
                 // Come back later; not a failure, so it never dead-letters.
                 tracing::debug!(handler = %binding.name, message_id = %d.id, "a copy is in flight; deferring this one");
-                return settle(binding, d, Settled::Deferred, d.acker.defer(DEFER_BUSY).await);
+                return Verdict::Defer(DEFER_BUSY);
             }
             Err(e) => {
                 // Running without knowing could repeat effects; try later.
                 let failure = Failure::new(FailureKind::Error, format!("dedup store unavailable: {e:#}"));
-                return retry_or_dead_letter(binding, d, &failure).await;
+                return retry_or_dead_letter(binding, d, &failure);
             }
         }
     }
-    let settled = attempt_and_settle(binding, runtime, d, payload, slot).await;
-    if let Some((store, _)) = &binding.dedup
-        && settled != Settled::Acked
-        && let Err(e) = store.abandon(&binding.name, &d.id).await
-    {
-        // The claim expires with the lease anyway.
-        tracing::debug!(handler = %binding.name, message_id = %d.id, error = %format!("{e:#}"), "could not drop a dedup claim");
-    }
-    settled
+    run_attempt(binding, runtime, d, payload, slot).await
 }
 
-/// Run one attempt and settle the delivery by its outcome.
-async fn attempt_and_settle(
-    binding: &Binding,
-    runtime: &Runtime,
-    d: &Delivery,
-    payload: Bytes,
-    slot: &mut Slot,
-) -> Settled {
+/// Run one attempt and decide by its outcome; a handled message also trades
+/// its running slot for a place in the settling budget.
+async fn run_attempt(binding: &Binding, runtime: &Runtime, d: &Delivery, payload: Bytes, slot: &mut Slot) -> Verdict {
     let limits = binding.context.limits;
     let component = binding.component.load_full();
     let msg = Message {
@@ -442,13 +475,13 @@ async fn attempt_and_settle(
     binding.metrics().attempt_seconds.record(attempt.elapsed.as_secs_f64());
 
     if let Err(failure) = attempt.result {
-        return retry_or_dead_letter(binding, d, &failure).await;
+        return retry_or_dead_letter(binding, d, &failure);
     }
     if !attempt.outbox.is_empty() {
         let count = attempt.outbox.len();
         if let Err(e) = binding.sink.publish(attempt.outbox).await {
             let failure = Failure::new(FailureKind::Error, format!("outbox of {count} not confirmed: {e:#}"));
-            return retry_or_dead_letter(binding, d, &failure).await;
+            return retry_or_dead_letter(binding, d, &failure);
         }
     }
     if let Some((store, ttl)) = &binding.dedup
@@ -456,14 +489,14 @@ async fn attempt_and_settle(
     {
         tracing::warn!(handler = %binding.name, message_id = %d.id, error = %format!("{e:#}"), "could not record dedup mark; a redelivery would run again");
     }
-    let _settling = slot.settle_only(&*binding.source).await;
-    settle(binding, d, Settled::Acked, d.acker.ack().await)
+    slot.settle_only(&*binding.source).await;
+    Verdict::Ack
 }
 
-async fn retry_or_dead_letter(binding: &Binding, d: &Delivery, failure: &Failure) -> Settled {
+fn retry_or_dead_letter(binding: &Binding, d: &Delivery, failure: &Failure) -> Verdict {
     let permanent = matches!(failure.kind, FailureKind::Rejected | FailureKind::PayloadTooLarge);
     if permanent || d.attempt >= binding.retry.max_attempts {
-        return dead_letter(binding, d, failure).await;
+        return dead_letter(binding, d, failure);
     }
     let delay = binding.retry.delay(d.attempt, failure.retry_after);
     tracing::warn!(
@@ -477,7 +510,7 @@ async fn retry_or_dead_letter(binding: &Binding, d: &Delivery, failure: &Failure
         "attempt failed; will retry"
     );
     binding.count_failure(failure.kind);
-    settle(binding, d, Settled::Retried, d.acker.retry(delay).await)
+    Verdict::Retry(delay)
 }
 
 /// The headers a dead letter carries, in one place for every backend.
@@ -494,7 +527,7 @@ pub fn dead_letter_headers(handler: &str, d: &Delivery, failure: &Failure) -> Ve
     ]
 }
 
-async fn dead_letter(binding: &Binding, d: &Delivery, failure: &Failure) -> Settled {
+fn dead_letter(binding: &Binding, d: &Delivery, failure: &Failure) -> Verdict {
     tracing::error!(
         handler = %binding.name,
         message_id = %d.id,
@@ -505,13 +538,67 @@ async fn dead_letter(binding: &Binding, d: &Delivery, failure: &Failure) -> Sett
         "message dead-lettered"
     );
     binding.count_failure(failure.kind);
-    let headers = dead_letter_headers(&binding.name, d, failure);
-    settle(
-        binding,
-        d,
-        Settled::DeadLettered,
-        d.acker.dead_letter(&binding.dead_letter_queue, headers).await,
-    )
+    Verdict::DeadLetter(dead_letter_headers(&binding.name, d, failure))
+}
+
+/// How long a shutdown that gave up on the messages in flight still waits
+/// for a verdict already being told to the broker. Releasing the message
+/// instead would contradict a verdict the broker may already have (every
+/// backend keeps the first), and count it released when it was acked.
+/// Telling takes milliseconds while the broker is up; past this the
+/// outcome is counted unknown: if the broker never got it, the message
+/// comes back.
+const TELL_AFTER_ABORT: Duration = Duration::from_secs(1);
+
+/// Tell the broker the verdict, and count what came of it.
+async fn tell(binding: &Binding, d: &Delivery, verdict: Verdict, slot: &Slot, abort: &CancellationToken) -> Settled {
+    let told = async {
+        match verdict {
+            Verdict::Ack => settle(binding, d, Settled::Acked, d.acker.ack().await),
+            Verdict::Duplicate => settle(binding, d, Settled::Deduplicated, d.acker.ack().await),
+            Verdict::Retry(delay) => settle(binding, d, Settled::Retried, d.acker.retry(delay).await),
+            Verdict::DeadLetter(headers) => settle(
+                binding,
+                d,
+                Settled::DeadLettered,
+                d.acker.dead_letter(&binding.dead_letter_queue, headers).await,
+            ),
+            Verdict::Defer(delay) => settle(binding, d, Settled::Deferred, d.acker.defer(delay).await),
+        }
+    };
+    tokio::pin!(told);
+    let settled = tokio::select! {
+        biased;
+        settled = &mut told => settled,
+        _ = abort.cancelled() => match tokio::time::timeout(TELL_AFTER_ABORT, &mut told).await {
+            Ok(settled) => settled,
+            Err(_) => {
+                tracing::warn!(
+                    handler = %binding.name,
+                    message_id = %d.id,
+                    "shutdown: the broker did not confirm the outcome within {} ms; if it never got it, the message will be redelivered",
+                    TELL_AFTER_ABORT.as_millis()
+                );
+                binding.count_settled(Settled::Unknown);
+                Settled::Unknown
+            }
+        },
+    };
+    if slot.claimed && settled != Settled::Acked {
+        drop_claim(binding, d).await;
+    }
+    settled
+}
+
+/// Drop the dedup claim this delivery's attempt holds (only such a one: a
+/// claim has no owner, and another attempt's must stand).
+async fn drop_claim(binding: &Binding, d: &Delivery) {
+    if let Some((store, _)) = &binding.dedup
+        && let Err(e) = store.abandon(&binding.name, &d.id).await
+    {
+        // The claim expires with the lease anyway.
+        tracing::debug!(handler = %binding.name, message_id = %d.id, error = %format!("{e:#}"), "could not drop a dedup claim");
+    }
 }
 
 async fn release(binding: &Binding, d: &Delivery) -> Settled {
