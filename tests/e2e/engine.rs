@@ -276,8 +276,7 @@ async fn a_shutdown_that_gives_up_lets_an_ack_under_way_stand() -> Result {
         !s.released.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
     })
     .await?;
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!consumer.is_finished(), "m0's ack was given up at once");
+    // Had m0's ack been given up at the abort, it would never be confirmed.
     confirm.send(true)?;
     tokio::time::timeout(Duration::from_secs(10), consumer).await??;
 
