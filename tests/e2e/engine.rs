@@ -146,18 +146,23 @@ impl Seen {
 }
 
 /// The `ok` handler at `concurrency = 1`, bound to a [`Queue`] of `ids`
-/// whose acks wait for `confirm`.
-fn held_binding(
-    dir: &std::path::Path,
-    name: &str,
-    ids: &[&str],
-    seen: &Arc<Seen>,
-    confirm: watch::Receiver<bool>,
-) -> anyhow::Result<(Arc<Runtime>, Arc<Binding>)> {
+/// whose acks wait for `confirm`, and its consumer loop running.
+struct HeldRun {
+    _dir: tempfile::TempDir,
+    seen: Arc<Seen>,
+    confirm: watch::Sender<bool>,
+    shutdown: Shutdown,
+    consumer: tokio::task::JoinHandle<()>,
+}
+
+fn run_held(name: &str, ids: &[&str]) -> anyhow::Result<HeldRun> {
+    let dir = tempfile::tempdir()?;
+    let seen = Arc::new(Seen::default());
+    let (confirm, confirmed) = watch::channel(false);
     let runtime = Arc::new(Runtime::new(RuntimeConfig {
         max_instances: 4,
         max_memory_bytes: 64 << 20,
-        cache_dir: dir.join("cache"),
+        cache_dir: dir.path().join("cache"),
         cpu_budget: true,
     })?);
     let component = Arc::new(runtime.load(&program("ok"))?);
@@ -169,7 +174,7 @@ fn held_binding(
         tenant_grants: Grants::default(),
         config: Default::default(),
         kv: Kv::new(
-            wharf::store::open_all(&dir.join("db"))?,
+            wharf::store::open_all(&dir.path().join("db"))?,
             "default",
             KvQuota {
                 max_keys: 10,
@@ -192,7 +197,7 @@ fn held_binding(
         source: Arc::new(Queue {
             ids: Mutex::new(ids.iter().map(|id| id.to_string()).collect()),
             seen: seen.clone(),
-            confirm,
+            confirm: confirmed,
         }),
         sink: Arc::new(NoSink),
         dead_letter_queue: format!("{name}.dead"),
@@ -208,7 +213,26 @@ fn held_binding(
         rate_limit: None,
         metrics: OnceLock::new(),
     });
-    Ok((runtime, binding))
+    let shutdown = Shutdown::default();
+    let consumer = tokio::spawn(run_binding(binding, runtime, shutdown.clone()));
+    Ok(HeldRun {
+        _dir: dir,
+        seen,
+        confirm,
+        shutdown,
+        consumer,
+    })
+}
+
+/// `wharf_messages_total{handler, outcome}` as this process counted it.
+fn settled(handler: &str, outcome: &str) -> u64 {
+    let metrics = wharf::telemetry::prometheus().expect("the recorder").render();
+    let labels = [format!("handler=\"{handler}\""), format!("outcome=\"{outcome}\"")];
+    metrics
+        .lines()
+        .find(|l| l.starts_with("wharf_messages_total{") && labels.iter().all(|x| l.contains(x.as_str())))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// With `concurrency = 1`: the first message, handled, waits for its ack
@@ -217,12 +241,13 @@ fn held_binding(
 /// is not taken until the first ack is confirmed. Then all are acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handled_message_waits_for_its_ack_without_its_slot_within_a_budget() -> Result {
-    let dir = tempfile::tempdir()?;
-    let seen = Arc::new(Seen::default());
-    let (confirm, confirmed) = watch::channel(false);
-    let (runtime, binding) = held_binding(dir.path(), "held", &["m0", "m1", "m2"], &seen, confirmed)?;
-    let shutdown = Shutdown::default();
-    let consumer = tokio::spawn(run_binding(binding, runtime, shutdown.clone()));
+    let HeldRun {
+        seen,
+        confirm,
+        shutdown,
+        consumer,
+        ..
+    } = run_held("held", &["m0", "m1", "m2"])?;
 
     // m0 is handled and asks for its ack, which is held: its slot goes to m1.
     seen.until("m1 to be taken while m0's ack is held", |s| s.handed_out().len() >= 2)
@@ -257,12 +282,13 @@ async fn a_handled_message_waits_for_its_ack_without_its_slot_within_a_budget() 
 /// soon after the abort, is counted acked.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_that_gives_up_lets_an_ack_under_way_stand() -> Result {
-    let dir = tempfile::tempdir()?;
-    let seen = Arc::new(Seen::default());
-    let (confirm, confirmed) = watch::channel(false);
-    let (runtime, binding) = held_binding(dir.path(), "gives-up", &["m0", "m1"], &seen, confirmed)?;
-    let shutdown = Shutdown::default();
-    let consumer = tokio::spawn(run_binding(binding, runtime, shutdown.clone()));
+    let HeldRun {
+        seen,
+        confirm,
+        shutdown,
+        consumer,
+        ..
+    } = run_held("gives-up", &["m0", "m1"])?;
 
     seen.until("m0's ack to be under way and m1 taken", |s| {
         s.acks_asked.load(Ordering::SeqCst) == 1 && s.handed_out().len() == 2
@@ -282,23 +308,8 @@ async fn a_shutdown_that_gives_up_lets_an_ack_under_way_stand() -> Result {
 
     assert_eq!(*seen.released.lock().unwrap_or_else(|p| p.into_inner()), ["m1"]);
     assert_eq!(seen.acks_confirmed.load(Ordering::SeqCst), 1, "m0's ack went through");
-    let metrics = wharf::telemetry::prometheus().expect("the recorder").render();
-    let count = |outcome: &str| {
-        metrics
-            .lines()
-            .find(|l| {
-                l.starts_with("wharf_messages_total{")
-                    && l.contains("handler=\"gives-up\"")
-                    && l.contains(&format!("outcome=\"{outcome}\""))
-            })
-            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    assert_eq!(
-        (count("acked"), count("released"), count("unknown")),
-        (1, 1, 0),
-        "{metrics}"
-    );
+    let counts = ["acked", "released", "unknown"].map(|outcome| settled("gives-up", outcome));
+    assert_eq!(counts, [1, 1, 0], "acked, released, unknown");
     Ok(())
 }
 
@@ -308,12 +319,13 @@ async fn a_shutdown_that_gives_up_lets_an_ack_under_way_stand() -> Result {
 /// released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_that_gives_up_waits_for_an_ack_under_way_only_so_long() -> Result {
-    let dir = tempfile::tempdir()?;
-    let seen = Arc::new(Seen::default());
-    let (_confirm, confirmed) = watch::channel(false);
-    let (runtime, binding) = held_binding(dir.path(), "never-confirmed", &["m0"], &seen, confirmed)?;
-    let shutdown = Shutdown::default();
-    let consumer = tokio::spawn(run_binding(binding, runtime, shutdown.clone()));
+    let HeldRun {
+        seen,
+        confirm: _confirm,
+        shutdown,
+        consumer,
+        ..
+    } = run_held("never-confirmed", &["m0"])?;
 
     seen.until("m0's ack to be under way", |s| s.acks_asked.load(Ordering::SeqCst) == 1)
         .await?;
@@ -322,12 +334,6 @@ async fn a_shutdown_that_gives_up_waits_for_an_ack_under_way_only_so_long() -> R
     tokio::time::timeout(Duration::from_secs(10), consumer).await??;
     assert!(seen.released.lock().unwrap_or_else(|p| p.into_inner()).is_empty());
     assert_eq!(seen.acks_confirmed.load(Ordering::SeqCst), 0);
-    let metrics = wharf::telemetry::prometheus().expect("the recorder").render();
-    assert!(
-        metrics.lines().any(|l| l.contains("handler=\"never-confirmed\"")
-            && l.contains("outcome=\"unknown\"")
-            && l.ends_with(" 1")),
-        "{metrics}"
-    );
+    assert_eq!(settled("never-confirmed", "unknown"), 1);
     Ok(())
 }
