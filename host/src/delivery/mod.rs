@@ -413,6 +413,19 @@ enum Verdict {
     Defer(Duration),
 }
 
+impl Verdict {
+    /// What the delivery counts as once the broker has the verdict.
+    fn outcome(&self) -> Settled {
+        match self {
+            Verdict::Ack => Settled::Acked,
+            Verdict::Duplicate => Settled::Deduplicated,
+            Verdict::Retry(_) => Settled::Retried,
+            Verdict::DeadLetter(_) => Settled::DeadLettered,
+            Verdict::Defer(_) => Settled::Deferred,
+        }
+    }
+}
+
 /// Decide what happens to one delivery, whose payload has been taken out of
 /// it (so that the attempt gets it without a copy): everything up to
 /// telling the broker, which [`tell`] does.
@@ -552,19 +565,15 @@ const TELL_AFTER_ABORT: Duration = Duration::from_secs(1);
 
 /// Tell the broker the verdict, and count what came of it.
 async fn tell(binding: &Binding, d: &Delivery, verdict: Verdict, slot: &Slot, abort: &CancellationToken) -> Settled {
+    let intended = verdict.outcome();
     let told = async {
-        match verdict {
-            Verdict::Ack => settle(binding, d, Settled::Acked, d.acker.ack().await),
-            Verdict::Duplicate => settle(binding, d, Settled::Deduplicated, d.acker.ack().await),
-            Verdict::Retry(delay) => settle(binding, d, Settled::Retried, d.acker.retry(delay).await),
-            Verdict::DeadLetter(headers) => settle(
-                binding,
-                d,
-                Settled::DeadLettered,
-                d.acker.dead_letter(&binding.dead_letter_queue, headers).await,
-            ),
-            Verdict::Defer(delay) => settle(binding, d, Settled::Deferred, d.acker.defer(delay).await),
-        }
+        let result = match verdict {
+            Verdict::Ack | Verdict::Duplicate => d.acker.ack().await,
+            Verdict::Retry(delay) => d.acker.retry(delay).await,
+            Verdict::DeadLetter(headers) => d.acker.dead_letter(&binding.dead_letter_queue, headers).await,
+            Verdict::Defer(delay) => d.acker.defer(delay).await,
+        };
+        settle(binding, d, intended, result)
     };
     tokio::pin!(told);
     let settled = tokio::select! {
@@ -576,6 +585,7 @@ async fn tell(binding: &Binding, d: &Delivery, verdict: Verdict, slot: &Slot, ab
                 tracing::warn!(
                     handler = %binding.name,
                     message_id = %d.id,
+                    intended = intended.as_str(),
                     "shutdown: the broker did not confirm the outcome within {} ms; if it never got it, the message will be redelivered",
                     TELL_AFTER_ABORT.as_millis()
                 );
