@@ -268,14 +268,7 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
                 // is being told to the broker, that verdict stands.
                 let verdict = tokio::select! {
                     verdict = decide(&binding, &runtime, &delivery, payload, &mut slot) => verdict,
-                    _ = abort.cancelled() => {
-                        let released = release(&binding, &delivery).await;
-                        if slot.claimed {
-                            // Bounded: the shutdown has waited long enough.
-                            let _ = tokio::time::timeout(TELL_AFTER_ABORT, drop_claim(&binding, &delivery)).await;
-                        }
-                        return released;
-                    }
+                    _ = abort.cancelled() => return give_up(&binding, &delivery, &slot).await,
                 };
                 tell(&binding, &delivery, verdict, &slot, &abort).await
             }));
@@ -600,15 +593,28 @@ async fn tell(binding: &Binding, d: &Delivery, verdict: Verdict, slot: &Slot, ab
     settled
 }
 
-/// Drop the dedup claim this delivery's attempt holds (only such a one: a
-/// claim has no owner, and another attempt's must stand).
-async fn drop_claim(binding: &Binding, d: &Delivery) {
-    if let Some((store, _)) = &binding.dedup
-        && let Err(e) = store.abandon(&binding.name, &d.id).await
-    {
-        // The claim expires with the lease anyway.
-        tracing::debug!(handler = %binding.name, message_id = %d.id, error = %format!("{e:#}"), "could not drop a dedup claim");
+/// A shutdown gave up on the delivery before its verdict: release it, and
+/// drop the dedup claim its attempt holds.
+async fn give_up(binding: &Binding, d: &Delivery, slot: &Slot) -> Settled {
+    let released = release(binding, d).await;
+    if slot.claimed {
+        drop_claim(binding, d).await;
     }
+    released
+}
+
+/// Drop the dedup claim this delivery's attempt holds (only such a one: a
+/// claim has no owner, and another attempt's must stand). Bounded like a
+/// verdict after a shutdown gave up, since it may run then: the claim
+/// expires with the lease anyway.
+async fn drop_claim(binding: &Binding, d: &Delivery) {
+    let Some((store, _)) = &binding.dedup else { return };
+    let failed = match tokio::time::timeout(TELL_AFTER_ABORT, store.abandon(&binding.name, &d.id)).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(_) => format!("no answer within {} ms", TELL_AFTER_ABORT.as_millis()),
+    };
+    tracing::debug!(handler = %binding.name, message_id = %d.id, error = %failed, "could not drop a dedup claim; it expires with the lease");
 }
 
 async fn release(binding: &Binding, d: &Delivery) -> Settled {
