@@ -5,7 +5,7 @@
 //! hold an ack open.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -29,7 +29,9 @@ struct Seen {
     handed_out: Mutex<Vec<String>>,
     acks_asked: AtomicUsize,
     acks_confirmed: AtomicUsize,
+    /// Releases asked for (confirmed at once unless `releases_hang`).
     released: Mutex<Vec<String>>,
+    releases_hang: AtomicBool,
     changed: Notify,
 }
 
@@ -62,6 +64,9 @@ impl Acker for HeldAcker {
             .unwrap_or_else(|p| p.into_inner())
             .push(self.id.clone());
         self.seen.changed.notify_waiters();
+        if self.seen.releases_hang.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
         Ok(())
     }
     async fn defer(&self, _: Duration) -> anyhow::Result<()> {
@@ -335,5 +340,36 @@ async fn a_shutdown_that_gives_up_waits_for_an_ack_under_way_only_so_long() -> R
     assert!(seen.released.lock().unwrap_or_else(|p| p.into_inner()).is_empty());
     assert_eq!(seen.acks_confirmed.load(Ordering::SeqCst), 0);
     assert_eq!(settled("never-confirmed", "unknown"), 1);
+    Ok(())
+}
+
+/// Nor does a release the broker never confirms: `m1`, given up before its
+/// verdict, is released, and the release hangs; after `TELL_AFTER_ABORT`
+/// it is counted unknown (it comes back when its lease runs out) and the
+/// consumer loop ends, as it does for `m0`'s ack, also never confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_that_gives_up_waits_for_a_release_only_so_long() -> Result {
+    let HeldRun {
+        seen,
+        confirm: _confirm,
+        shutdown,
+        consumer,
+        ..
+    } = run_held("release-unconfirmed", &["m0", "m1"])?;
+    seen.releases_hang.store(true, Ordering::SeqCst);
+
+    seen.until("m0's ack to be under way and m1 taken", |s| {
+        s.acks_asked.load(Ordering::SeqCst) == 1 && s.handed_out().len() == 2
+    })
+    .await?;
+    // m1 runs (a few ms), then waits for m0's settling place.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    shutdown.stop.cancel();
+    shutdown.abort.cancel();
+    tokio::time::timeout(Duration::from_secs(10), consumer).await??;
+
+    assert_eq!(*seen.released.lock().unwrap_or_else(|p| p.into_inner()), ["m1"]);
+    let counts = ["acked", "released", "unknown"].map(|outcome| settled("release-unconfirmed", outcome));
+    assert_eq!(counts, [0, 0, 2], "acked, released, unknown");
     Ok(())
 }

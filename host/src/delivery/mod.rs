@@ -19,7 +19,8 @@
 //! finish and what it took released unrun), waits up to the grace period
 //! for in-flight ones, and releases the rest for immediate redelivery,
 //! except those whose outcome is already being told to the broker: that
-//! outcome stands (the host waits up to [`TELL_AFTER_ABORT`] for it).
+//! outcome stands. The host waits up to [`TELL_AFTER_ABORT`] for each
+//! outcome told after it gave up, a release included.
 //!
 //! Each delivery goes through two steps: [`decide`] (everything above up to
 //! the outcome, a [`Verdict`]) and [`tell`] (the one place the broker is
@@ -548,12 +549,13 @@ fn dead_letter(binding: &Binding, d: &Delivery, failure: &Failure) -> Verdict {
 }
 
 /// How long a shutdown that gave up on the messages in flight still waits
-/// for a verdict already being told to the broker. Releasing the message
-/// instead would contradict a verdict the broker may already have (every
-/// backend keeps the first), and count it released when it was acked.
-/// Telling takes milliseconds while the broker is up; past this the
-/// outcome is counted unknown: if the broker never got it, the message
-/// comes back.
+/// for each one's outcome to reach the broker: a verdict already being told
+/// (releasing the message instead would contradict a verdict the broker may
+/// already have, since every backend keeps the first, and count it released
+/// when it was acked), or the release of one given up before its verdict.
+/// Telling takes milliseconds while the broker is up; past this the outcome
+/// is counted unknown, and the host exits without it: if the broker never
+/// got it, the message comes back when its lease runs out.
 const TELL_AFTER_ABORT: Duration = Duration::from_secs(1);
 
 /// Tell the broker the verdict, and count what came of it.
@@ -572,20 +574,7 @@ async fn tell(binding: &Binding, d: &Delivery, verdict: Verdict, slot: &Slot, ab
     let settled = tokio::select! {
         biased;
         settled = &mut told => settled,
-        _ = abort.cancelled() => match tokio::time::timeout(TELL_AFTER_ABORT, &mut told).await {
-            Ok(settled) => settled,
-            Err(_) => {
-                tracing::warn!(
-                    handler = %binding.name,
-                    message_id = %d.id,
-                    intended = intended.as_str(),
-                    "shutdown: the broker did not confirm the outcome within {} ms; if it never got it, the message will be redelivered",
-                    TELL_AFTER_ABORT.as_millis()
-                );
-                binding.count_settled(Settled::Unknown);
-                Settled::Unknown
-            }
-        },
+        _ = abort.cancelled() => after_abort(binding, d, intended, &mut told).await,
     };
     if slot.claimed && settled != Settled::Acked {
         drop_claim(binding, d).await;
@@ -593,10 +582,34 @@ async fn tell(binding: &Binding, d: &Delivery, verdict: Verdict, slot: &Slot, ab
     settled
 }
 
+/// `told`, the broker being told `intended` after a shutdown gave up,
+/// bounded by [`TELL_AFTER_ABORT`]; past it the message is counted unknown.
+async fn after_abort(
+    binding: &Binding,
+    d: &Delivery,
+    intended: Settled,
+    told: impl Future<Output = Settled>,
+) -> Settled {
+    match tokio::time::timeout(TELL_AFTER_ABORT, told).await {
+        Ok(settled) => settled,
+        Err(_) => {
+            tracing::warn!(
+                handler = %binding.name,
+                message_id = %d.id,
+                intended = intended.as_str(),
+                "shutdown: the broker did not confirm the outcome within {} ms; if it never got it, the message will be redelivered",
+                TELL_AFTER_ABORT.as_millis()
+            );
+            binding.count_settled(Settled::Unknown);
+            Settled::Unknown
+        }
+    }
+}
+
 /// A shutdown gave up on the delivery before its verdict: release it, and
 /// drop the dedup claim its attempt holds.
 async fn give_up(binding: &Binding, d: &Delivery, slot: &Slot) -> Settled {
-    let released = release(binding, d).await;
+    let released = after_abort(binding, d, Settled::Released, release(binding, d)).await;
     if slot.claimed {
         drop_claim(binding, d).await;
     }
