@@ -32,6 +32,9 @@ struct Seen {
     /// Releases asked for (confirmed at once unless `releases_hang`).
     released: Mutex<Vec<String>>,
     releases_hang: AtomicBool,
+    /// Receives wait, their messages taken, until the source is stopped.
+    receives_wait_for_stop: AtomicBool,
+    stopped: watch::Sender<bool>,
     changed: Notify,
 }
 
@@ -97,6 +100,9 @@ impl Source for Queue {
             .unwrap_or_else(|p| p.into_inner())
             .extend(taken.iter().cloned());
         self.seen.changed.notify_waiters();
+        if self.seen.receives_wait_for_stop.load(Ordering::SeqCst) {
+            self.seen.stopped.subscribe().wait_for(|stopped| *stopped).await?;
+        }
         Ok(taken
             .into_iter()
             .map(|id| Delivery {
@@ -116,6 +122,10 @@ impl Source for Queue {
                 }),
             })
             .collect())
+    }
+
+    async fn stop(&self) {
+        self.seen.stopped.send_replace(true);
     }
 }
 
@@ -161,8 +171,14 @@ struct HeldRun {
 }
 
 fn run_held(name: &str, ids: &[&str]) -> anyhow::Result<HeldRun> {
+    run_held_seeing(name, ids, Seen::default())
+}
+
+/// [`run_held`] with `seen` set up beforehand (releases that hang, receives
+/// that wait for the stop).
+fn run_held_seeing(name: &str, ids: &[&str], seen: Seen) -> anyhow::Result<HeldRun> {
     let dir = tempfile::tempdir()?;
-    let seen = Arc::new(Seen::default());
+    let seen = Arc::new(seen);
     let (confirm, confirmed) = watch::channel(false);
     let runtime = Arc::new(Runtime::new(RuntimeConfig {
         max_instances: 4,
@@ -319,7 +335,7 @@ async fn a_shutdown_that_gives_up_lets_an_ack_under_way_stand() -> Result {
 }
 
 /// An ack the broker never confirms does not hold a shutdown that gave up
-/// for longer than `TELL_AFTER_ABORT` (1 s): it is counted unknown (the
+/// for longer than `TELL_AT_SHUTDOWN` (1 s): it is counted unknown (the
 /// broker redelivers the message if it never got the ack), still not
 /// released.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -344,19 +360,20 @@ async fn a_shutdown_that_gives_up_waits_for_an_ack_under_way_only_so_long() -> R
 }
 
 /// Nor does a release the broker never confirms: `m1`, given up before its
-/// verdict, is released, and the release hangs; after `TELL_AFTER_ABORT`
+/// verdict, is released, and the release hangs; after `TELL_AT_SHUTDOWN`
 /// it is counted unknown (it comes back when its lease runs out) and the
 /// consumer loop ends, as it does for `m0`'s ack, also never confirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_that_gives_up_waits_for_a_release_only_so_long() -> Result {
+    let seen = Seen::default();
+    seen.releases_hang.store(true, Ordering::SeqCst);
     let HeldRun {
         seen,
         confirm: _confirm,
         shutdown,
         consumer,
         ..
-    } = run_held("release-unconfirmed", &["m0", "m1"])?;
-    seen.releases_hang.store(true, Ordering::SeqCst);
+    } = run_held_seeing("release-unconfirmed", &["m0", "m1"], seen)?;
 
     seen.until("m0's ack to be under way and m1 taken", |s| {
         s.acks_asked.load(Ordering::SeqCst) == 1 && s.handed_out().len() == 2
@@ -371,5 +388,35 @@ async fn a_shutdown_that_gives_up_waits_for_a_release_only_so_long() -> Result {
     assert_eq!(*seen.released.lock().unwrap_or_else(|p| p.into_inner()), ["m1"]);
     let counts = ["acked", "released", "unknown"].map(|outcome| settled("release-unconfirmed", outcome));
     assert_eq!(counts, [0, 0, 2], "acked, released, unknown");
+    Ok(())
+}
+
+/// A receive under way when the host stops is let finish, and what it took
+/// is released unrun; those releases are bounded by `TELL_AT_SHUTDOWN` too.
+/// Here the receive takes `m0` and returns only once the source is stopped,
+/// and the release hangs: `m0` is counted unknown (it comes back when its
+/// lease runs out) and the consumer loop ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_at_the_stop_is_waited_for_only_so_long() -> Result {
+    let seen = Seen::default();
+    seen.releases_hang.store(true, Ordering::SeqCst);
+    seen.receives_wait_for_stop.store(true, Ordering::SeqCst);
+    let HeldRun {
+        seen,
+        shutdown,
+        consumer,
+        ..
+    } = run_held_seeing("release-at-stop", &["m0", "m1"], seen)?;
+
+    seen.until("m0 to be taken by a receive under way", |s| !s.handed_out().is_empty())
+        .await?;
+    shutdown.stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), consumer).await??;
+
+    assert_eq!(seen.handed_out(), ["m0"]);
+    assert_eq!(*seen.released.lock().unwrap_or_else(|p| p.into_inner()), ["m0"]);
+    assert_eq!(seen.acks_asked.load(Ordering::SeqCst), 0, "m0 never ran");
+    let counts = ["acked", "released", "unknown"].map(|outcome| settled("release-at-stop", outcome));
+    assert_eq!(counts, [0, 0, 1], "acked, released, unknown");
     Ok(())
 }

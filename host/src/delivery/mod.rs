@@ -19,8 +19,8 @@
 //! finish and what it took released unrun), waits up to the grace period
 //! for in-flight ones, and releases the rest for immediate redelivery,
 //! except those whose outcome is already being told to the broker: that
-//! outcome stands. The host waits up to [`TELL_AFTER_ABORT`] for each
-//! outcome told after it gave up, a release included.
+//! outcome stands. The host waits up to [`TELL_AT_SHUTDOWN`] for each
+//! outcome told once it stopped waiting on handlers, a release included.
 //!
 //! Each delivery goes through two steps: [`decide`] (everything above up to
 //! the outcome, a [`Verdict`]) and [`tell`] (the one place the broker is
@@ -34,6 +34,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
+use futures_util::future::join_all;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -293,10 +294,15 @@ const RECEIVE_FINISH: Duration = Duration::from_secs(3);
 async fn finish_receive(binding: &Binding, receive: impl Future<Output = anyhow::Result<Vec<Delivery>>>) {
     let (_, received) = tokio::join!(binding.source.stop(), tokio::time::timeout(RECEIVE_FINISH, receive));
     match received {
+        // All at once, each bounded: one by one, a broker that stopped
+        // answering would hold the exit for its client's timeout per message.
         Ok(Ok(deliveries)) => {
-            for d in &deliveries {
-                release(binding, d).await;
-            }
+            join_all(
+                deliveries
+                    .iter()
+                    .map(|d| told_at_shutdown(binding, d, Settled::Released, release(binding, d))),
+            )
+            .await;
         }
         Ok(Err(e)) => {
             tracing::debug!(handler = %binding.name, error = %format!("{e:#}"), "receive failed during shutdown")
@@ -548,15 +554,17 @@ fn dead_letter(binding: &Binding, d: &Delivery, failure: &Failure) -> Verdict {
     Verdict::DeadLetter(dead_letter_headers(&binding.name, d, failure))
 }
 
-/// How long a shutdown that gave up on the messages in flight still waits
-/// for each one's outcome to reach the broker: a verdict already being told
-/// (releasing the message instead would contradict a verdict the broker may
-/// already have, since every backend keeps the first, and count it released
-/// when it was acked), or the release of one given up before its verdict.
-/// Telling takes milliseconds while the broker is up; past this the outcome
-/// is counted unknown, and the host exits without it: if the broker never
-/// got it, the message comes back when its lease runs out.
-const TELL_AFTER_ABORT: Duration = Duration::from_secs(1);
+/// How long a shutdown waits for an outcome it tells the broker once it no
+/// longer waits on handlers: after giving up on the messages in flight, a
+/// verdict already being told (releasing the message instead would
+/// contradict a verdict the broker may already have, since every backend
+/// keeps the first, and count it released when it was acked) or the
+/// release of one given up before its verdict; and the release of what a
+/// receive under way at the stop took. Telling takes milliseconds while the
+/// broker is up; past this the outcome is counted unknown, and the host
+/// exits without it: if the broker never got it, the message comes back
+/// when its lease runs out.
+const TELL_AT_SHUTDOWN: Duration = Duration::from_secs(1);
 
 /// Tell the broker the verdict, and count what came of it.
 async fn tell(binding: &Binding, d: &Delivery, verdict: Verdict, slot: &Slot, abort: &CancellationToken) -> Settled {
@@ -574,7 +582,7 @@ async fn tell(binding: &Binding, d: &Delivery, verdict: Verdict, slot: &Slot, ab
     let settled = tokio::select! {
         biased;
         settled = &mut told => settled,
-        _ = abort.cancelled() => after_abort(binding, d, intended, &mut told).await,
+        _ = abort.cancelled() => told_at_shutdown(binding, d, intended, &mut told).await,
     };
     if slot.claimed && settled != Settled::Acked {
         drop_claim(binding, d).await;
@@ -582,15 +590,15 @@ async fn tell(binding: &Binding, d: &Delivery, verdict: Verdict, slot: &Slot, ab
     settled
 }
 
-/// `told`, the broker being told `intended` after a shutdown gave up,
-/// bounded by [`TELL_AFTER_ABORT`]; past it the message is counted unknown.
-async fn after_abort(
+/// `told`, the broker being told `intended` during a shutdown, bounded by
+/// [`TELL_AT_SHUTDOWN`]; past it the message is counted unknown.
+async fn told_at_shutdown(
     binding: &Binding,
     d: &Delivery,
     intended: Settled,
     told: impl Future<Output = Settled>,
 ) -> Settled {
-    match tokio::time::timeout(TELL_AFTER_ABORT, told).await {
+    match tokio::time::timeout(TELL_AT_SHUTDOWN, told).await {
         Ok(settled) => settled,
         Err(_) => {
             tracing::warn!(
@@ -598,7 +606,7 @@ async fn after_abort(
                 message_id = %d.id,
                 intended = intended.as_str(),
                 "shutdown: the broker did not confirm the outcome within {} ms; if it never got it, the message will be redelivered",
-                TELL_AFTER_ABORT.as_millis()
+                TELL_AT_SHUTDOWN.as_millis()
             );
             binding.count_settled(Settled::Unknown);
             Settled::Unknown
@@ -609,7 +617,7 @@ async fn after_abort(
 /// A shutdown gave up on the delivery before its verdict: release it, and
 /// drop the dedup claim its attempt holds.
 async fn give_up(binding: &Binding, d: &Delivery, slot: &Slot) -> Settled {
-    let released = after_abort(binding, d, Settled::Released, release(binding, d)).await;
+    let released = told_at_shutdown(binding, d, Settled::Released, release(binding, d)).await;
     if slot.claimed {
         drop_claim(binding, d).await;
     }
@@ -622,10 +630,10 @@ async fn give_up(binding: &Binding, d: &Delivery, slot: &Slot) -> Settled {
 /// expires with the lease anyway.
 async fn drop_claim(binding: &Binding, d: &Delivery) {
     let Some((store, _)) = &binding.dedup else { return };
-    let failed = match tokio::time::timeout(TELL_AFTER_ABORT, store.abandon(&binding.name, &d.id)).await {
+    let failed = match tokio::time::timeout(TELL_AT_SHUTDOWN, store.abandon(&binding.name, &d.id)).await {
         Ok(Ok(())) => return,
         Ok(Err(e)) => format!("{e:#}"),
-        Err(_) => format!("no answer within {} ms", TELL_AFTER_ABORT.as_millis()),
+        Err(_) => format!("no answer within {} ms", TELL_AT_SHUTDOWN.as_millis()),
     };
     tracing::debug!(handler = %binding.name, message_id = %d.id, error = %failed, "could not drop a dedup claim; it expires with the lease");
 }
