@@ -35,6 +35,8 @@ struct Seen {
     /// Receives wait, their messages taken, until the source is stopped.
     receives_wait_for_stop: AtomicBool,
     stopped: watch::Sender<bool>,
+    /// The source's stop never returns.
+    stop_hangs: AtomicBool,
     changed: Notify,
 }
 
@@ -126,6 +128,9 @@ impl Source for Queue {
 
     async fn stop(&self) {
         self.seen.stopped.send_replace(true);
+        if self.seen.stop_hangs.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
     }
 }
 
@@ -418,5 +423,29 @@ async fn a_release_at_the_stop_is_waited_for_only_so_long() -> Result {
     assert_eq!(seen.acks_asked.load(Ordering::SeqCst), 0, "m0 never ran");
     let counts = ["acked", "released", "unknown"].map(|outcome| settled("release-at-stop", outcome));
     assert_eq!(counts, [0, 0, 1], "acked, released, unknown");
+    Ok(())
+}
+
+/// A source whose stop never returns (a broker that stopped answering a
+/// consumer cancel) holds the consumer loop for `SOURCE_STOP` (5 s), not
+/// for ever; what such a source holds comes back from the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_that_does_not_stop_holds_the_shutdown_only_so_long() -> Result {
+    let seen = Seen::default();
+    seen.stop_hangs.store(true, Ordering::SeqCst);
+    let HeldRun {
+        seen,
+        confirm,
+        shutdown,
+        consumer,
+        ..
+    } = run_held_seeing("stop-hangs", &["m0"], seen)?;
+    confirm.send(true)?;
+    seen.until("m0 to be acked", |s| s.acks_confirmed.load(Ordering::SeqCst) == 1)
+        .await?;
+    shutdown.stop.cancel();
+    tokio::time::timeout(Duration::from_secs(20), consumer).await??;
+    assert!(*seen.stopped.borrow(), "the source was asked to stop");
+    assert_eq!(settled("stop-hangs", "acked"), 1);
     Ok(())
 }

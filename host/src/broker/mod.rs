@@ -112,7 +112,8 @@ pub trait Source: Send + Sync {
     /// host releases goes to other consumers rather than back to it. Runs
     /// alongside a receive that was under way, which should then return
     /// what it already took without waiting for more (a receive that waits
-    /// no longer than a second or so may simply run out its wait).
+    /// no longer than a second or so may simply run out its wait). The host
+    /// waits for a stop at most 5 s (`delivery::SOURCE_STOP`).
     async fn stop(&self) {}
 
     /// Send now the acks this source holds back for its next receive to

@@ -220,11 +220,12 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
     let settling = Arc::new(Semaphore::new(binding.concurrency));
     let mut in_flight = JoinSet::new();
     let mut receive_errors = 0u32;
-    loop {
+    // Whether the source was stopped already (with a receive under way).
+    let stopped = loop {
         while in_flight.try_join_next().is_some() {}
         let slots = tokio::select! {
             s = take_slots(&binding, &permits) => s,
-            _ = shutdown.stop.cancelled() => break,
+            _ = shutdown.stop.cancelled() => break false,
         };
         let receive = binding.source.receive(slots.len(), binding.lease());
         tokio::pin!(receive);
@@ -232,7 +233,7 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
             r = &mut receive => r,
             _ = shutdown.stop.cancelled() => {
                 finish_receive(&binding, receive).await;
-                break;
+                break true;
             }
         };
         let deliveries = match received {
@@ -246,7 +247,7 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
                 tracing::warn!(handler = %binding.name, error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "receive failed");
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => continue,
-                    _ = shutdown.stop.cancelled() => break,
+                    _ = shutdown.stop.cancelled() => break false,
                 }
             }
         };
@@ -275,9 +276,29 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
                 tell(&binding, &delivery, verdict, &slot, &abort).await
             }));
         }
+    };
+    if !stopped {
+        stop_source(&binding).await;
     }
-    binding.source.stop().await;
     while in_flight.join_next().await.is_some() {}
+}
+
+/// The longest a shutdown waits for a source to stop. A stop takes a round
+/// trip or less (an AMQP `basic.cancel`), or lets a JetStream pull ahead
+/// come back (at most 3 s); a broker that stopped answering must not hold
+/// the exit. What a source still holds when the host exits comes back
+/// from the broker: AMQP requeues a closed channel's unacked messages,
+/// and every other backend redelivers when the lease runs out.
+const SOURCE_STOP: Duration = Duration::from_secs(5);
+
+async fn stop_source(binding: &Binding) {
+    if tokio::time::timeout(SOURCE_STOP, binding.source.stop()).await.is_err() {
+        tracing::warn!(
+            handler = %binding.name,
+            "the source did not stop within {} s of shutdown; what it holds comes back from the broker",
+            SOURCE_STOP.as_secs()
+        );
+    }
 }
 
 /// The longest a shutdown waits for a receive that was under way. Every
@@ -292,7 +313,7 @@ const RECEIVE_FINISH: Duration = Duration::from_secs(3);
 /// receive finish, and release what it took at once. Both run together: a
 /// source's stop may wait for the lock its receive holds.
 async fn finish_receive(binding: &Binding, receive: impl Future<Output = anyhow::Result<Vec<Delivery>>>) {
-    let (_, received) = tokio::join!(binding.source.stop(), tokio::time::timeout(RECEIVE_FINISH, receive));
+    let (_, received) = tokio::join!(stop_source(binding), tokio::time::timeout(RECEIVE_FINISH, receive));
     match received {
         // All at once, each bounded: one by one, a broker that stopped
         // answering would hold the exit for its client's timeout per message.
