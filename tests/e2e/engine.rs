@@ -163,6 +163,10 @@ impl Seen {
     fn handed_out(&self) -> Vec<String> {
         self.handed_out.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
+
+    fn released(&self) -> Vec<String> {
+        self.released.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// The `ok` handler at `concurrency = 1`, bound to a [`Queue`] of `ids`
@@ -250,6 +254,11 @@ fn run_held_seeing(name: &str, ids: &[&str], seen: Seen) -> anyhow::Result<HeldR
     })
 }
 
+/// `handler`'s messages counted acked, released and unknown.
+fn outcomes(handler: &str) -> [u64; 3] {
+    ["acked", "released", "unknown"].map(|outcome| settled(handler, outcome))
+}
+
 /// `wharf_messages_total{handler, outcome}` as this process counted it.
 fn settled(handler: &str, outcome: &str) -> u64 {
     let metrics = wharf::telemetry::prometheus().expect("the recorder").render();
@@ -324,18 +333,14 @@ async fn a_shutdown_that_gives_up_lets_an_ack_under_way_stand() -> Result {
     tokio::time::sleep(Duration::from_millis(300)).await;
     shutdown.stop.cancel();
     shutdown.abort.cancel();
-    seen.until("m1 to be released", |s| {
-        !s.released.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
-    })
-    .await?;
+    seen.until("m1 to be released", |s| !s.released().is_empty()).await?;
     // Had m0's ack been given up at the abort, it would never be confirmed.
     confirm.send(true)?;
     tokio::time::timeout(Duration::from_secs(10), consumer).await??;
 
-    assert_eq!(*seen.released.lock().unwrap_or_else(|p| p.into_inner()), ["m1"]);
+    assert_eq!(seen.released(), ["m1"]);
     assert_eq!(seen.acks_confirmed.load(Ordering::SeqCst), 1, "m0's ack went through");
-    let counts = ["acked", "released", "unknown"].map(|outcome| settled("gives-up", outcome));
-    assert_eq!(counts, [1, 1, 0], "acked, released, unknown");
+    assert_eq!(outcomes("gives-up"), [1, 1, 0], "acked, released, unknown");
     Ok(())
 }
 
@@ -358,7 +363,7 @@ async fn a_shutdown_that_gives_up_waits_for_an_ack_under_way_only_so_long() -> R
     shutdown.stop.cancel();
     shutdown.abort.cancel();
     tokio::time::timeout(Duration::from_secs(10), consumer).await??;
-    assert!(seen.released.lock().unwrap_or_else(|p| p.into_inner()).is_empty());
+    assert!(seen.released().is_empty());
     assert_eq!(seen.acks_confirmed.load(Ordering::SeqCst), 0);
     assert_eq!(settled("never-confirmed", "unknown"), 1);
     Ok(())
@@ -370,8 +375,10 @@ async fn a_shutdown_that_gives_up_waits_for_an_ack_under_way_only_so_long() -> R
 /// consumer loop ends, as it does for `m0`'s ack, also never confirmed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shutdown_that_gives_up_waits_for_a_release_only_so_long() -> Result {
-    let seen = Seen::default();
-    seen.releases_hang.store(true, Ordering::SeqCst);
+    let seen = Seen {
+        releases_hang: true.into(),
+        ..Seen::default()
+    };
     let HeldRun {
         seen,
         confirm: _confirm,
@@ -390,9 +397,8 @@ async fn a_shutdown_that_gives_up_waits_for_a_release_only_so_long() -> Result {
     shutdown.abort.cancel();
     tokio::time::timeout(Duration::from_secs(10), consumer).await??;
 
-    assert_eq!(*seen.released.lock().unwrap_or_else(|p| p.into_inner()), ["m1"]);
-    let counts = ["acked", "released", "unknown"].map(|outcome| settled("release-unconfirmed", outcome));
-    assert_eq!(counts, [0, 0, 2], "acked, released, unknown");
+    assert_eq!(seen.released(), ["m1"]);
+    assert_eq!(outcomes("release-unconfirmed"), [0, 0, 2], "acked, released, unknown");
     Ok(())
 }
 
@@ -403,9 +409,11 @@ async fn a_shutdown_that_gives_up_waits_for_a_release_only_so_long() -> Result {
 /// lease runs out) and the consumer loop ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_at_the_stop_is_waited_for_only_so_long() -> Result {
-    let seen = Seen::default();
-    seen.releases_hang.store(true, Ordering::SeqCst);
-    seen.receives_wait_for_stop.store(true, Ordering::SeqCst);
+    let seen = Seen {
+        releases_hang: true.into(),
+        receives_wait_for_stop: true.into(),
+        ..Seen::default()
+    };
     let HeldRun {
         seen,
         shutdown,
@@ -419,10 +427,9 @@ async fn a_release_at_the_stop_is_waited_for_only_so_long() -> Result {
     tokio::time::timeout(Duration::from_secs(10), consumer).await??;
 
     assert_eq!(seen.handed_out(), ["m0"]);
-    assert_eq!(*seen.released.lock().unwrap_or_else(|p| p.into_inner()), ["m0"]);
+    assert_eq!(seen.released(), ["m0"]);
     assert_eq!(seen.acks_asked.load(Ordering::SeqCst), 0, "m0 never ran");
-    let counts = ["acked", "released", "unknown"].map(|outcome| settled("release-at-stop", outcome));
-    assert_eq!(counts, [0, 0, 1], "acked, released, unknown");
+    assert_eq!(outcomes("release-at-stop"), [0, 0, 1], "acked, released, unknown");
     Ok(())
 }
 
@@ -431,8 +438,10 @@ async fn a_release_at_the_stop_is_waited_for_only_so_long() -> Result {
 /// for ever; what such a source holds comes back from the broker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_that_does_not_stop_holds_the_shutdown_only_so_long() -> Result {
-    let seen = Seen::default();
-    seen.stop_hangs.store(true, Ordering::SeqCst);
+    let seen = Seen {
+        stop_hangs: true.into(),
+        ..Seen::default()
+    };
     let HeldRun {
         seen,
         confirm,
