@@ -420,6 +420,72 @@ impl Wharf {
     }
 }
 
+/// The cache-line round trip between the machine's first two CPUs, ns: two
+/// threads pinned one to each bounce one atomic 100 000 times (~5–30 ms).
+/// `None` with fewer than two CPUs to pin to.
+///
+/// Why the suite logs it before each run: a VM's two vCPUs may sit on one
+/// core's hyperthreads or far apart, and the host moves them while a suite
+/// runs. On the twenty-fourth session's machine the round trip flipped
+/// between ~55 and ~300 ns, and wharf's default Redis stream drain cost 17
+/// µs of CPU a message in the first state and 23–25 in the second: every
+/// message crosses between tokio's two worker threads (task stealing, the
+/// ack batcher), which a native consumer's single task does not.
+pub fn vcpu_round_trip_ns() -> Option<f64> {
+    use std::hint::spin_loop;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const TRIPS: u64 = 100_000;
+
+    // SAFETY: plain libc calls on a zeroed `cpu_set_t` of our own.
+    let cpus: Vec<usize> = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return None;
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .take(2)
+            .collect()
+    };
+    let [a, b] = cpus[..] else { return None };
+    // A thread that cannot be pinned still bounces (so neither waits for
+    // ever); the figure is then not reported.
+    let pin = |cpu: usize| unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) == 0
+    };
+    let flag = Arc::new(AtomicU64::new(0));
+    let answer = {
+        let flag = flag.clone();
+        std::thread::spawn(move || {
+            let pinned = pin(b);
+            for i in 0..TRIPS {
+                while flag.load(Ordering::Acquire) != 2 * i + 1 {
+                    spin_loop();
+                }
+                flag.store(2 * i + 2, Ordering::Release);
+            }
+            pinned
+        })
+    };
+    let ask = std::thread::spawn(move || {
+        let pinned = pin(a);
+        let started = Instant::now();
+        for i in 0..TRIPS {
+            flag.store(2 * i + 1, Ordering::Release);
+            while flag.load(Ordering::Acquire) != 2 * i + 2 {
+                spin_loop();
+            }
+        }
+        (pinned, started.elapsed())
+    });
+    let (pinned_a, took) = ask.join().ok()?;
+    let pinned_b = answer.join().ok()?;
+    (pinned_a && pinned_b).then(|| took.as_secs_f64() * 1e9 / TRIPS as f64)
+}
+
 /// The `wharf` binary beside this one (`cargo build -p wharf` puts it there),
 /// or `$WHARF_BIN`.
 pub fn wharf_binary() -> Result<PathBuf> {

@@ -256,9 +256,42 @@ fn show(c: &Cell) -> String {
     format!("{:.0} ({:.0}){failed}", s.rate(), s.cpu_us_per_msg())
 }
 
-/// [`drain`], its outcome logged under `label` (a failure counted in
-/// `failures`), as an error string for a [`Cell`].
-async fn drain_logged(component: &FsPath, a: &DrainArgs, label: &str, failures: &mut usize) -> Result<Sample, String> {
+/// What the suite's runs leave beside their figures.
+#[derive(Default)]
+struct RunLog {
+    /// Measurements that failed.
+    failures: usize,
+    /// The vCPUs' round trip before each drain, ns
+    /// ([`measure::vcpu_round_trip_ns`]).
+    round_trips: Vec<f64>,
+}
+
+impl RunLog {
+    /// The round trips' range, and how many drains ran with the vCPUs
+    /// placed apart (a round trip over 150 ns).
+    fn placement(&self) -> Option<String> {
+        let mut ns = self.round_trips.clone();
+        ns.sort_by(f64::total_cmp);
+        let (first, last) = (ns.first()?, ns.last()?);
+        let apart = ns.iter().filter(|&&t| t > 150.0).count();
+        Some(format!(
+            "The two vCPUs' cache-line round trip before each drain: {first:.0}–{last:.0} ns, median {:.0}; {apart} of {} drains ran with it over 150 ns (the vCPUs placed apart, where wharf's per-message CPU rises; docs/BENCHMARKS.md).\n",
+            ns[ns.len() / 2],
+            ns.len()
+        ))
+    }
+}
+
+/// [`drain`], its outcome logged under `label` (a failure counted in the
+/// log), with the vCPUs' round trip just before it, as an error string for
+/// a [`Cell`].
+async fn drain_logged(component: &FsPath, a: &DrainArgs, label: &str, log: &mut RunLog) -> Result<Sample, String> {
+    let round_trip = tokio::task::spawn_blocking(crate::measure::vcpu_round_trip_ns)
+        .await
+        .ok()
+        .flatten();
+    log.round_trips.extend(round_trip);
+    let placement = round_trip.map_or_else(String::new, |ns| format!(", vCPU round trip {ns:.0} ns"));
     let r = drain(component, a).await.map_err(|e| format!("{e:#}"));
     let what = format!(
         "{label}: {} {}B {:?}{}{}",
@@ -270,14 +303,14 @@ async fn drain_logged(component: &FsPath, a: &DrainArgs, label: &str, failures: 
     );
     match &r {
         Ok(s) => eprintln!(
-            "{what}: {:.0} msg/s, {:.1} µs CPU/msg, peak RSS {:.1} MiB, broker {}",
+            "{what}: {:.0} msg/s, {:.1} µs CPU/msg, peak RSS {:.1} MiB, broker {}{placement}",
             s.rate(),
             s.cpu_us_per_msg(),
             s.peak_rss_mib(),
             broker_note(s)
         ),
         Err(e) => {
-            *failures += 1;
+            log.failures += 1;
             eprintln!("{what}: FAILED: {e}");
         }
     }
@@ -393,7 +426,7 @@ fn consumer_cells(path: Path, payload: usize, r: &Row, figure: fn(&Cell) -> Stri
 pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, rounds: usize) -> Result<()> {
     let n = messages.unwrap_or(if smoke { 300 } else { 100_000 });
     let mut out = String::new();
-    let mut failures = 0;
+    let mut log = RunLog::default();
 
     let iterations = if smoke { 200 } else { 20_000 };
     let [on, off, reused] = best_of_three(
@@ -459,7 +492,7 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
                     instance_reuse,
                 };
                 let label = format!("round {round}");
-                let mut measure = async |args: DrainArgs| drain_logged(component, &args, &label, &mut failures).await;
+                let mut measure = async |args: DrainArgs| drain_logged(component, &args, &label, &mut log).await;
                 row.wharf.push(measure(cell(Consumer::Wharf, false, 1)).await);
                 row.dedup.push(measure(cell(Consumer::Wharf, true, 1)).await);
                 row.reuse.push(measure(cell(Consumer::Wharf, false, REUSE)).await);
@@ -524,7 +557,7 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
                 dedup: false,
                 instance_reuse,
             };
-            vec![drain_logged(component, &args, "concurrency 1", &mut failures).await]
+            vec![drain_logged(component, &args, "concurrency 1", &mut log).await]
         };
         let wharf = one(Consumer::Wharf, 1).await;
         let reuse = one(Consumer::Wharf, REUSE).await;
@@ -558,10 +591,14 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
     )?;
 
     // Added latency, in rounds of its own after the drains.
-    out += &crate::latency::table(component, rounds, smoke, native_stream_rate, &mut failures).await?;
+    out += &crate::latency::table(component, rounds, smoke, native_stream_rate, &mut log.failures).await?;
+    if let Some(placement) = log.placement() {
+        out += "\n";
+        out += &placement;
+    }
     println!("{out}");
-    if failures > 0 {
-        bail!("{failures} measurement(s) failed (see above)");
+    if log.failures > 0 {
+        bail!("{} measurement(s) failed (see above)", log.failures);
     }
     Ok(())
 }
@@ -579,6 +616,27 @@ mod tests {
             peak_rss_kib: 0,
             broker_cpu: Some(0.02),
         })
+    }
+
+    #[test]
+    fn the_placement_line_gives_the_round_trips_range_median_and_how_many_ran_apart() {
+        assert_eq!(RunLog::default().placement(), None, "no drain measured it");
+        let log = RunLog {
+            failures: 0,
+            round_trips: vec![310.0, 55.0, 52.0, 151.0, 60.0],
+        };
+        let line = log.placement().expect("a line");
+        assert!(line.starts_with("The two vCPUs' cache-line round trip before each drain: 52–310 ns, median 60; 2 of 5 drains ran with it over 150 ns"), "{line}");
+    }
+
+    #[test]
+    fn the_vcpu_round_trip_is_measured_where_there_are_two_cpus() {
+        let two = std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2);
+        let ns = crate::measure::vcpu_round_trip_ns();
+        assert_eq!(ns.is_some(), two, "{ns:?}");
+        if let Some(ns) = ns {
+            assert!(ns > 0.0 && ns.is_finite(), "{ns}");
+        }
     }
 
     #[test]
