@@ -318,12 +318,7 @@ async fn finish_receive(binding: &Binding, receive: impl Future<Output = anyhow:
         // All at once, each bounded: one by one, a broker that stopped
         // answering would hold the exit for its client's timeout per message.
         Ok(Ok(deliveries)) => {
-            join_all(
-                deliveries
-                    .iter()
-                    .map(|d| told_at_shutdown(binding, d, Settled::Released, release(binding, d))),
-            )
-            .await;
+            join_all(deliveries.iter().map(|d| release(binding, d))).await;
         }
         Ok(Err(e)) => {
             tracing::debug!(handler = %binding.name, error = %format!("{e:#}"), "receive failed during shutdown")
@@ -638,7 +633,7 @@ async fn told_at_shutdown(
 /// A shutdown gave up on the delivery before its verdict: release it, and
 /// drop the dedup claim its attempt holds.
 async fn give_up(binding: &Binding, d: &Delivery, slot: &Slot) -> Settled {
-    let released = told_at_shutdown(binding, d, Settled::Released, release(binding, d)).await;
+    let released = release(binding, d).await;
     if slot.claimed {
         drop_claim(binding, d).await;
     }
@@ -659,8 +654,11 @@ async fn drop_claim(binding: &Binding, d: &Delivery) {
     tracing::debug!(handler = %binding.name, message_id = %d.id, error = %failed, "could not drop a dedup claim; it expires with the lease");
 }
 
+/// Give the delivery back unrun. Only a shutdown releases, so the wait is
+/// bounded by [`TELL_AT_SHUTDOWN`].
 async fn release(binding: &Binding, d: &Delivery) -> Settled {
-    settle(binding, d, Settled::Released, d.acker.release().await)
+    let released = async { settle(binding, d, Settled::Released, d.acker.release().await) };
+    told_at_shutdown(binding, d, Settled::Released, released).await
 }
 
 fn settle(binding: &Binding, d: &Delivery, intended: Settled, result: anyhow::Result<()>) -> Settled {
