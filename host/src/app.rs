@@ -275,7 +275,11 @@ impl App {
         let sweeper = tokio::spawn(sweep(self.store.clone()));
         let reloader = crate::reload::start(self.clone(), shutdown.stop.clone());
         self.ready.store(true, Ordering::SeqCst);
-        tracing::info!(handlers = self.manifest.handlers.len(), "wharf running");
+        tracing::info!(
+            handlers = self.manifest.handlers.len(),
+            worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+            "wharf running"
+        );
 
         shutdown.stop.cancelled().await;
         self.ready.store(false, Ordering::SeqCst);

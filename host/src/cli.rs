@@ -165,16 +165,20 @@ fn load_manifest(path: &Path) -> Result<Manifest> {
     Manifest::load(path).map_err(|e| anyhow::anyhow!("invalid manifest:\n{e}"))
 }
 
-fn tokio_runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting tokio")
+/// The runtime the commands run on. `worker_threads`: the host's
+/// `[host] worker_threads`; unset, tokio's default (one per CPU, or
+/// `TOKIO_WORKER_THREADS`).
+fn tokio_runtime(worker_threads: Option<u32>) -> Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n as usize);
+    }
+    builder.enable_all().build().context("starting tokio")
 }
 
 fn run_host(path: &Path) -> Result<()> {
     let manifest = load_manifest(path)?;
-    tokio_runtime()?.block_on(async {
+    tokio_runtime(manifest.host.worker_threads)?.block_on(async {
         // SIGHUP reloads once the host runs; until then (components loading,
         // brokers connecting) its default action would end the process.
         // tokio keeps a signal's handler installed for the life of the
@@ -247,7 +251,7 @@ fn base_url(target: &Target) -> Result<String> {
 }
 
 fn send(request: reqwest::RequestBuilder) -> Result<()> {
-    tokio_runtime()?.block_on(async {
+    tokio_runtime(None)?.block_on(async {
         let response = request
             .send()
             .await

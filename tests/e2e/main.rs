@@ -62,6 +62,30 @@ async fn success_acks_every_message_once() -> Result {
 }
 
 #[tokio::test]
+async fn worker_threads_sets_the_threads_that_run_the_handlers() -> Result {
+    // Two counts, so that neither can be tokio's default on this machine.
+    for threads in [1, 3] {
+        let setup = Setup::with_host(
+            &format!("worker_threads = {threads}"),
+            &handler("count", "ok", "jobs", "concurrency = 8"),
+        )?;
+        let host = setup.start().await?;
+        host.publish_many("jobs", 50).await?;
+        host.wait_drained(LONG).await?;
+        assert_eq!(host.outcome_count("count", "acked").await?, 50);
+        // tokio's own count of the runtime's workers, logged at the start.
+        let logs = host.logs();
+        assert!(
+            logs.lines()
+                .any(|l| l.contains("wharf running") && l.contains(&format!("worker_threads={threads}"))),
+            "{logs}"
+        );
+        assert_eq!(host.terminate()?, 0);
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn retry_then_success_counts_attempts() -> Result {
     let setup = Setup::new(&handler(
         "flaky",
@@ -632,6 +656,7 @@ fn readme_manifest_reference_parses_with_every_field() -> Result {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("wharf.toml");
     let m = wharf::manifest::Manifest::parse(&path, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    assert_eq!(m.host.worker_threads, Some(2));
     let h = &m.handlers["validate"];
     assert_eq!(
         (h.concurrency, h.timeout_ms, h.memory_mb, h.instance_reuse),

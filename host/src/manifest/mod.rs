@@ -75,6 +75,11 @@ pub struct HostConfig {
     /// whether or not this is on). Default true.
     #[serde(default = "default_watch")]
     pub watch: bool,
+    /// Threads running the consumer loops, the Wasm calls and the broker
+    /// clients. Default: one per CPU the host may use. One thread costs less
+    /// CPU per message (no hand-offs between threads) but runs one Wasm call
+    /// at a time; docs/BENCHMARKS.md measures the trade.
+    pub worker_threads: Option<u32>,
 }
 
 impl Default for HostConfig {
@@ -84,6 +89,7 @@ impl Default for HostConfig {
             http: default_http(),
             shutdown_grace_ms: default_shutdown_grace_ms(),
             watch: default_watch(),
+            worker_threads: None,
         }
     }
 }

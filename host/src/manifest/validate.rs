@@ -63,6 +63,9 @@ pub(super) fn parse(file: &Path, text: &str) -> Result<Manifest, ManifestErrors>
 fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String), warn: &mut dyn FnMut(&[&str], String)) {
     let base = m.file.parent().map(Path::to_path_buf).unwrap_or_default();
     m.host.data_dir = resolve(&base, &m.host.data_dir);
+    if m.host.worker_threads == Some(0) {
+        report(&["host", "worker_threads"], "must be at least 1".into());
+    }
 
     for (name, tenant) in &m.tenants {
         let at = |field: &'static str| ["tenants", name.as_str(), field];
@@ -493,6 +496,20 @@ mod tests {
         assert!(e[3].starts_with(
             "/nowhere/wharf.toml:6: handlers.a.dedup.ttl_secs: dedup TTL 1s is shorter than the retry horizon"
         ));
+    }
+
+    #[test]
+    fn zero_worker_threads_is_named_with_its_line() {
+        let handler = "[handlers.a]\ncomponent = \"a.wasm\"\nsource = { subject = \"x\" }\n";
+        let e = errors(&format!("[host]\nwatch = false\nworker_threads = 0\n{handler}"));
+        assert!(
+            e[0].starts_with("/nowhere/wharf.toml:3: host.worker_threads: must be at least 1"),
+            "{e:?}"
+        );
+        // One is allowed (only the missing component is reported).
+        let e = errors(&format!("[host]\nworker_threads = 1\n{handler}"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("handlers.a.component"), "{e:?}");
     }
 
     #[test]
