@@ -82,6 +82,9 @@ pub struct DrainArgs {
     /// wharf only: the handler's `instance_reuse` (1: an instance per message).
     #[arg(long, default_value_t = 1)]
     instance_reuse: u32,
+    /// wharf only: the host's `worker_threads` (unset: one per CPU).
+    #[arg(long)]
+    worker_threads: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -317,7 +320,7 @@ async fn main() -> Result<()> {
         Command::Drain(args) => {
             let sample = suite::drain(&component?, &args).await?;
             println!(
-                "drain {} {:?} messages={} payload={}B concurrency={} dedup={} instance_reuse={}: {:.0} msg/s, CPU {:.1} µs/msg, peak RSS {:.1} MiB, broker {}",
+                "drain {} {:?} messages={} payload={}B concurrency={} dedup={} instance_reuse={} worker_threads={}: {:.0} msg/s, CPU {:.1} µs/msg, peak RSS {:.1} MiB, broker {}",
                 args.path.name(),
                 args.consumer,
                 args.messages,
@@ -325,6 +328,7 @@ async fn main() -> Result<()> {
                 args.concurrency,
                 args.dedup,
                 args.instance_reuse,
+                args.worker_threads.map_or_else(|| "default".into(), |n| n.to_string()),
                 sample.rate(),
                 sample.cpu_us_per_msg(),
                 sample.peak_rss_mib(),
@@ -365,6 +369,7 @@ async fn main() -> Result<()> {
                     concurrency: 100,
                     dedup: false,
                     instance_reuse: 1,
+                    worker_threads: None,
                 };
                 Some(suite::drain(&component, &native).await?.rate())
             };

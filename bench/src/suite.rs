@@ -45,11 +45,13 @@ pub fn wharf_manifest(
     urls: &Urls,
     data_dir: &FsPath,
     concurrency: u32,
+    worker_threads: Option<u32>,
     extra: &str,
 ) -> String {
     let (brokers, source) = paths::manifest_source(t, urls);
+    let threads = worker_threads.map_or_else(String::new, |n| format!("worker_threads = {n}\n"));
     format!(
-        "[host]\ndata_dir = {:?}\nhttp = \"127.0.0.1:0\"\n\n{brokers}\n[tenants.default]\nmax_concurrency = {concurrency}\npublish = [\"bench.>\"]\n\n\
+        "[host]\ndata_dir = {:?}\nhttp = \"127.0.0.1:0\"\n{threads}\n{brokers}\n[tenants.default]\nmax_concurrency = {concurrency}\npublish = [\"bench.>\"]\n\n\
          [handlers.bench]\ncomponent = {:?}\nsource = {source}\nconcurrency = {concurrency}\n{extra}",
         data_dir.display().to_string(),
         component.display().to_string(),
@@ -94,7 +96,7 @@ async fn drain_on(component: &FsPath, a: &DrainArgs, t: &Target, urls: &Urls) ->
             let manifest_path = dir.path().join("wharf.toml");
             std::fs::write(
                 &manifest_path,
-                wharf_manifest(component, t, urls, &data, a.concurrency, &extra),
+                wharf_manifest(component, t, urls, &data, a.concurrency, a.worker_threads, &extra),
             )?;
             // The component compiled into the data folder's cache first (the
             // embedded preload's host does it), so wharf starts as it does
@@ -213,6 +215,8 @@ struct Row {
     wharf: Cell,
     dedup: Cell,
     reuse: Cell,
+    /// `instance_reuse` on a host with `worker_threads = 1`.
+    reuse_one_thread: Cell,
     native: Cell,
     peer: Cell,
 }
@@ -294,12 +298,13 @@ async fn drain_logged(component: &FsPath, a: &DrainArgs, label: &str, log: &mut 
     let placement = round_trip.map_or_else(String::new, |ns| format!(", vCPU round trip {ns:.0} ns"));
     let r = drain(component, a).await.map_err(|e| format!("{e:#}"));
     let what = format!(
-        "{label}: {} {}B {:?}{}{}",
+        "{label}: {} {}B {:?}{}{}{}",
         a.path.name(),
         a.payload_bytes,
         a.consumer,
         if a.dedup { " dedup" } else { "" },
         if a.instance_reuse > 1 { " reuse" } else { "" },
+        a.worker_threads.map_or_else(String::new, |n| format!(" {n} thread(s)")),
     );
     match &r {
         Ok(s) => eprintln!(
@@ -401,8 +406,10 @@ fn per_consumer_table(
 /// caller closes both (or adds columns).
 fn consumer_header() -> (String, &'static str) {
     (
-        format!("| path | payload | wharf | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | native Rust | peer"),
-        "|---|---|---|---|---|---|---",
+        format!(
+            "| path | payload | wharf | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | the same, `worker_threads = 1` | native Rust | peer"
+        ),
+        "|---|---|---|---|---|---|---|---",
     )
 }
 
@@ -410,12 +417,13 @@ fn consumer_header() -> (String, &'static str) {
 /// [`consumer_header`]; the caller closes the row (or adds columns).
 fn consumer_cells(path: Path, payload: usize, r: &Row, figure: fn(&Cell) -> String) -> String {
     format!(
-        "| {} | {} B | {} | {} | {} | {} | {}{}",
+        "| {} | {} B | {} | {} | {} | {} | {} | {}{}",
         path.name(),
         payload,
         figure(&r.wharf),
         figure(&r.dedup),
         figure(&r.reuse),
+        figure(&r.reuse_one_thread),
         figure(&r.native),
         peer_name(path),
         figure(&r.peer),
@@ -482,7 +490,7 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
             // Each round drains with every consumer in turn, so a ratio
             // compares drains minutes apart.
             for round in 1..=rounds {
-                let cell = |consumer, dedup, instance_reuse| DrainArgs {
+                let cell = |consumer, dedup, instance_reuse, worker_threads| DrainArgs {
                     path,
                     consumer,
                     messages: n,
@@ -490,14 +498,17 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
                     concurrency: 100,
                     dedup,
                     instance_reuse,
+                    worker_threads,
                 };
                 let label = format!("round {round}");
                 let mut measure = async |args: DrainArgs| drain_logged(component, &args, &label, &mut log).await;
-                row.wharf.push(measure(cell(Consumer::Wharf, false, 1)).await);
-                row.dedup.push(measure(cell(Consumer::Wharf, true, 1)).await);
-                row.reuse.push(measure(cell(Consumer::Wharf, false, REUSE)).await);
+                row.wharf.push(measure(cell(Consumer::Wharf, false, 1, None)).await);
+                row.dedup.push(measure(cell(Consumer::Wharf, true, 1, None)).await);
+                row.reuse.push(measure(cell(Consumer::Wharf, false, REUSE, None)).await);
+                row.reuse_one_thread
+                    .push(measure(cell(Consumer::Wharf, false, REUSE, Some(1))).await);
                 if path != Path::Embedded {
-                    let native = measure(cell(Consumer::Native, false, 1)).await;
+                    let native = measure(cell(Consumer::Native, false, 1, None)).await;
                     if path == Path::RedisStream
                         && payload == 100
                         && let Ok(s) = &native
@@ -507,7 +518,7 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
                     row.native.push(native);
                 }
                 if peer_script(path).is_some() {
-                    row.peer.push(measure(cell(Consumer::Peer, false, 1)).await);
+                    row.peer.push(measure(cell(Consumer::Peer, false, 1, None)).await);
                 }
             }
             rows.push((path, payload, row));
@@ -518,7 +529,7 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
     writeln!(
         out,
         "\n{n} messages per drain, 100 in flight; msg/s (consumer CPU µs/msg){}\n\n\
-         {header} | wharf / native | reuse / native | wharf / peer |\n{rule}|---|---|---|",
+         {header} | wharf / native | reuse / native | reuse, 1 thread / native | wharf / peer | reuse / peer | reuse, 1 thread / peer |\n{rule}|---|---|---|---|---|---|",
         if rounds > 1 {
             format!("; the median of {rounds} alternating rounds, and the median of the rounds' ratios")
         } else {
@@ -528,11 +539,14 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
     for (path, payload, r) in &rows {
         writeln!(
             out,
-            "{} | {} | {} | {} |",
+            "{} | {} | {} | {} | {} | {} | {} |",
             consumer_cells(*path, *payload, r, show),
             ratio(&r.wharf, &r.native),
             ratio(&r.reuse, &r.native),
+            ratio(&r.reuse_one_thread, &r.native),
             ratio(&r.wharf, &r.peer),
+            ratio(&r.reuse, &r.peer),
+            ratio(&r.reuse_one_thread, &r.peer),
         )?;
     }
 
@@ -556,6 +570,7 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
                 concurrency: 1,
                 dedup: false,
                 instance_reuse,
+                worker_threads: None,
             };
             vec![drain_logged(component, &args, "concurrency 1", &mut log).await]
         };
