@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore};
 use wharf::broker::{Acker, Delivery, OutboundMessage, Sink, Source};
-use wharf::delivery::{Binding, RetryPolicy, Shutdown, run_binding};
+use wharf::delivery::{Binding, Lane, RetryPolicy, Shutdown, run_binding};
 use wharf::runtime::{LoadedComponent, Runtime, RuntimeConfig};
 
 use crate::{bench_context, cpu_seconds};
@@ -138,14 +138,18 @@ async fn drain(
         name: "bench".into(),
         component: ArcSwap::new(component.clone()),
         context: context.clone(),
-        source: Arc::new(Backlog {
-            next: AtomicUsize::new(0),
-            payload: payload.clone(),
-            tally: tally.clone(),
-        }),
-        sink: Arc::new(NoSink),
+        lanes: vec![Lane {
+            shard: 0,
+            source: Arc::new(Backlog {
+                next: AtomicUsize::new(0),
+                payload: payload.clone(),
+                tally: tally.clone(),
+            }),
+            sink: Arc::new(NoSink),
+            dedup: None,
+            concurrency,
+        }],
         dead_letter_queue: "bench.dead".into(),
-        concurrency,
         tenant_permits: Arc::new(Semaphore::new(concurrency)),
         retry: RetryPolicy {
             max_attempts: 1,
@@ -153,13 +157,12 @@ async fn drain(
             max_delay: Duration::from_secs(1),
             multiplier: 2.0,
         },
-        dedup: None,
         rate_limit: None,
         metrics: OnceLock::new(),
     });
     let shutdown = Shutdown::default();
     let (cpu, started) = (cpu_seconds(), Instant::now());
-    let consumer = tokio::spawn(run_binding(binding, runtime.clone(), shutdown.clone()));
+    let consumer = tokio::spawn(run_binding(binding, 0, runtime.clone(), shutdown.clone()));
     let done = tally.done.notified();
     tokio::pin!(done);
     done.as_mut().enable();

@@ -13,11 +13,12 @@ use tokio::task::JoinSet;
 use crate::broker::Broker;
 use crate::broker::embedded::EmbeddedBroker;
 use crate::broker::redis::RedisBroker;
-use crate::delivery::{self, Binding, RetryPolicy, Shutdown};
+use crate::delivery::{self, Binding, Lane, RetryPolicy, Shutdown};
 use crate::kv::Kv;
 use crate::manifest::{BrokerConfig, DEFAULT_TENANT, EMBEDDED_BROKER, Manifest};
 use crate::registry::Registry;
 use crate::runtime::{AttemptLimits, HandlerContext, Runtime, RuntimeConfig};
+use crate::shard::Shards;
 use crate::store::Store;
 use crate::subject::Grants;
 use crate::tenant::Tenant;
@@ -44,8 +45,11 @@ pub struct App {
     pub runtime: Arc<Runtime>,
     /// Handler bindings.
     pub registry: Registry,
-    /// Every broker by name (the embedded one included).
-    pub brokers: BTreeMap<String, Broker>,
+    /// The runtimes the consumers run on ([`crate::shard`]).
+    pub shards: Shards,
+    /// Each shard's brokers by name (the embedded one included), made on
+    /// that shard so that their connections are driven there.
+    pub brokers: Vec<BTreeMap<String, Broker>>,
     /// True once every consumer is running, false again on shutdown.
     pub ready: AtomicBool,
     /// Held by the reload under way: one at a time ([`crate::reload`]).
@@ -72,72 +76,21 @@ impl App {
         let broker = EmbeddedBroker::new(store.clone());
         let runtime = Arc::new(runtime_for(&manifest)?);
 
-        let mut brokers = BTreeMap::from([(EMBEDDED_BROKER.to_string(), Broker::Embedded(broker.clone()))]);
-        for (name, cfg) in &manifest.brokers {
-            match cfg {
-                BrokerConfig::Embedded {} => {}
-                BrokerConfig::Redis { url, consumer } => {
-                    let consumer = consumer
-                        .clone()
-                        .unwrap_or_else(|| default_consumer(&manifest.host.data_dir));
-                    let redis = RedisBroker::new(url, consumer).with_context(|| format!("broker {name:?}"))?;
-                    brokers.insert(name.clone(), Broker::Redis(Arc::new(redis)));
-                }
-                BrokerConfig::Amqp {
-                    url,
-                    exchanges,
-                    queues,
-                    bindings,
-                } => {
-                    use crate::broker::amqp::{AmqpBroker, BindingSpec, ExchangeSpec, QueueSpec, Topology};
-                    use crate::manifest::{AmqpExchangeKind as K, AmqpQueueType};
-                    let topology = Topology {
-                        exchanges: exchanges
-                            .iter()
-                            .map(|e| ExchangeSpec {
-                                name: e.name.clone(),
-                                kind: match e.kind {
-                                    K::Direct => "direct",
-                                    K::Topic => "topic",
-                                    K::Fanout => "fanout",
-                                    K::Headers => "headers",
-                                }
-                                .to_string(),
-                            })
-                            .collect(),
-                        queues: queues
-                            .iter()
-                            .map(|q| QueueSpec {
-                                name: q.name.clone(),
-                                quorum: q.queue_type == AmqpQueueType::Quorum,
-                            })
-                            .collect(),
-                        bindings: bindings
-                            .iter()
-                            .map(|b| BindingSpec {
-                                queue: b.queue.clone(),
-                                exchange: b.exchange.clone(),
-                                routing_key: b.routing_key.clone(),
-                            })
-                            .collect(),
-                    };
-                    brokers.insert(name.clone(), Broker::Amqp(Arc::new(AmqpBroker::new(url, topology))));
-                }
-                BrokerConfig::Nats { url, streams } => {
-                    let streams = streams
-                        .iter()
-                        .map(|s| crate::broker::nats::StreamSpec {
-                            name: s.name.clone(),
-                            subjects: s.subjects.clone(),
-                            duplicate_window: Duration::from_secs(s.duplicate_window_secs),
-                        })
-                        .collect();
-                    let nats = crate::broker::nats::NatsBroker::connect(url, streams)
-                        .await
-                        .with_context(|| format!("broker {name:?}"))?;
-                    brokers.insert(name.clone(), Broker::Nats(Arc::new(nats)));
-                }
-            }
+        let shards = Shards::start(manifest.host.shards)?;
+        let mut brokers = Vec::with_capacity(shards.len());
+        for shard in 0..shards.len() {
+            let connecting = connect_brokers(
+                manifest.brokers.clone(),
+                broker.clone(),
+                manifest.host.data_dir.clone(),
+                shard,
+            );
+            let connected = shards
+                .handle(shard)
+                .spawn(connecting)
+                .await
+                .context("connecting the brokers")?;
+            brokers.push(connected?);
         }
 
         let mut tenants: BTreeMap<String, Arc<Tenant>> = BTreeMap::new();
@@ -158,10 +111,11 @@ impl App {
                 .with_context(|| format!("loading handler {name:?}"))?;
             tracing::info!(handler = %name, component = %h.component.display(), digest = %&component.digest[..12], "handler loaded");
             // Requests go through the source's broker, or the publish
-            // target's, whichever is NATS.
+            // target's, whichever is NATS: the first shard's connection,
+            // shared by every shard (requests are rare next to deliveries).
             let requester = std::iter::once(&h.source.broker)
                 .chain(h.publish_to.as_ref().and_then(|t| t.broker.as_ref()))
-                .find_map(|b| match brokers.get(b) {
+                .find_map(|b| match brokers[0].get(b) {
                     Some(Broker::Nats(n)) => Some(n.clone()),
                     _ => None,
                 });
@@ -183,7 +137,6 @@ impl App {
                 },
             });
             // Validated: the brokers named exist.
-            let source_broker = &brokers[&h.source.broker];
             let target = h
                 .publish_to
                 .as_ref()
@@ -192,22 +145,43 @@ impl App {
             let retry = RetryPolicy::from(&h.retry);
             let reclaim_after = delivery::lease_for(Duration::from_millis(h.timeout_ms)) + retry.max_delay;
             let lease = delivery::lease_for(Duration::from_millis(h.timeout_ms));
-            let endpoints = source_broker.endpoints(name, h, lease, reclaim_after);
-            let dedup = h
-                .dedup
-                .as_ref()
-                .map(|d| (source_broker.dedup(&store), Duration::from_secs(d.ttl_secs)));
+            let mut lanes = Vec::new();
+            let mut dead_letter_queue = String::new();
+            let readers = if brokers[0][&h.source.broker].shares_messages(&h.source) {
+                shards.len()
+            } else {
+                1
+            };
+            for (shard, brokers) in brokers.iter().enumerate().take(readers) {
+                let concurrency = crate::shard::split(h.concurrency as usize, readers, shard);
+                if concurrency == 0 {
+                    continue;
+                }
+                // Made on the shard: the tasks a source, sink or dedup store
+                // starts (ack batchers, heartbeats) run beside its consumer.
+                let _on_shard = shards.handle(shard).enter();
+                let source_broker = &brokers[&h.source.broker];
+                let endpoints = source_broker.endpoints(name, h, concurrency as u32, lease, reclaim_after);
+                dead_letter_queue = endpoints.dead_letter_queue;
+                lanes.push(Lane {
+                    shard,
+                    source: endpoints.source,
+                    sink: brokers[&target].sink(h.publish_to.as_ref(), h.source.kind),
+                    dedup: h
+                        .dedup
+                        .as_ref()
+                        .map(|d| (source_broker.dedup(&store), Duration::from_secs(d.ttl_secs))),
+                    concurrency,
+                });
+            }
             registry.insert(Arc::new(Binding {
                 name: name.clone(),
                 component: ArcSwap::from_pointee(component),
                 context,
-                source: endpoints.source,
-                sink: brokers[&target].sink(h.publish_to.as_ref(), h.source.kind),
-                dead_letter_queue: endpoints.dead_letter_queue,
-                concurrency: h.concurrency as usize,
+                lanes,
+                dead_letter_queue,
                 tenant_permits: tenant.permits.clone(),
                 retry,
-                dedup,
                 rate_limit: h
                     .rate_limit
                     .as_ref()
@@ -222,6 +196,7 @@ impl App {
             broker,
             runtime,
             registry,
+            shards,
             brokers,
             ready: AtomicBool::new(false),
             reloading: Default::default(),
@@ -230,7 +205,7 @@ impl App {
 
     /// Ready to take work: consuming, and every broker reachable.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst) && self.brokers.values().all(Broker::is_ready)
+        self.ready.load(Ordering::SeqCst) && self.brokers.iter().flat_map(BTreeMap::values).all(Broker::is_ready)
     }
 
     /// Serve HTTP and consume until `shutdown.stop`, then drain: wait up to
@@ -255,21 +230,22 @@ impl App {
 
         let mut consumers = JoinSet::new();
         for binding in self.registry.iter() {
-            consumers.spawn(delivery::run_binding(
-                binding.clone(),
-                self.runtime.clone(),
-                shutdown.clone(),
-            ));
+            for (lane, on) in binding.lanes.iter().enumerate() {
+                consumers.spawn_on(
+                    delivery::run_binding(binding.clone(), lane, self.runtime.clone(), shutdown.clone()),
+                    self.shards.handle(on.shard),
+                );
+            }
         }
-        for (name, b) in &self.brokers {
-            let probe = match b {
-                Broker::Redis(redis) => redis.probe().await,
-                Broker::Amqp(amqp) => amqp.probe().await,
-                Broker::Nats(nats) => nats.probe().await,
-                Broker::Embedded(_) => Ok(()),
-            };
-            if let Err(e) = probe {
-                tracing::warn!(broker = %name, error = %format!("{e:#}"), "broker not reachable yet; not ready until it is");
+        for (shard, brokers) in self.brokers.iter().enumerate() {
+            for (name, b) in brokers {
+                // On the shard: a connection made by the probe is the one
+                // the shard's consumers use next.
+                let b = b.clone();
+                let probe = self.shards.handle(shard).spawn(async move { b.probe().await }).await;
+                if let Ok(Err(e)) = probe {
+                    tracing::warn!(broker = %name, error = %format!("{e:#}"), "broker not reachable yet; not ready until it is");
+                }
             }
         }
         let sweeper = tokio::spawn(sweep(self.store.clone()));
@@ -278,6 +254,7 @@ impl App {
         tracing::info!(
             handlers = self.manifest.handlers.len(),
             worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
+            shards = %self.manifest.host.shards.map_or_else(|| "none".to_string(), |n| n.to_string()),
             "wharf running"
         );
 
@@ -295,15 +272,102 @@ impl App {
             while consumers.join_next().await.is_some() {}
         }
         shutdown.abort.cancel();
-        for b in self.brokers.values() {
+        for b in self.brokers.iter().flat_map(BTreeMap::values) {
             b.flush().await;
         }
+        self.shards.stop().await;
         sweeper.abort();
         let _ = reloader.await;
         let _ = server.await;
         tracing::info!("wharf stopped");
         Ok(())
     }
+}
+
+/// The brokers of shard `shard` by name: `embedded` and a connection of its
+/// own to each configured one. Run on the shard, so that a client's
+/// driver task runs there. The Redis consumer name of shard n > 0 has
+/// `-shard<n>` appended: each shard reads (and at start re-reads) its own pending
+/// entries, and a shard that no longer runs has them reclaimed like a dead
+/// host's.
+async fn connect_brokers(
+    configs: BTreeMap<String, BrokerConfig>,
+    embedded: EmbeddedBroker,
+    data_dir: std::path::PathBuf,
+    shard: usize,
+) -> Result<BTreeMap<String, Broker>> {
+    let mut brokers = BTreeMap::from([(EMBEDDED_BROKER.to_string(), Broker::Embedded(embedded))]);
+    for (name, cfg) in &configs {
+        match cfg {
+            BrokerConfig::Embedded {} => {}
+            BrokerConfig::Redis { url, consumer } => {
+                let consumer = consumer.clone().unwrap_or_else(|| default_consumer(&data_dir));
+                // Shard 0 keeps the plain name, so a host that starts
+                // or stops using shards re-reads its pending entries.
+                let consumer = match shard {
+                    0 => consumer,
+                    n => format!("{consumer}-shard{n}"),
+                };
+                let redis = RedisBroker::new(url, consumer).with_context(|| format!("broker {name:?}"))?;
+                brokers.insert(name.clone(), Broker::Redis(Arc::new(redis)));
+            }
+            BrokerConfig::Amqp {
+                url,
+                exchanges,
+                queues,
+                bindings,
+            } => {
+                use crate::broker::amqp::{AmqpBroker, BindingSpec, ExchangeSpec, QueueSpec, Topology};
+                use crate::manifest::{AmqpExchangeKind as K, AmqpQueueType};
+                let topology = Topology {
+                    exchanges: exchanges
+                        .iter()
+                        .map(|e| ExchangeSpec {
+                            name: e.name.clone(),
+                            kind: match e.kind {
+                                K::Direct => "direct",
+                                K::Topic => "topic",
+                                K::Fanout => "fanout",
+                                K::Headers => "headers",
+                            }
+                            .to_string(),
+                        })
+                        .collect(),
+                    queues: queues
+                        .iter()
+                        .map(|q| QueueSpec {
+                            name: q.name.clone(),
+                            quorum: q.queue_type == AmqpQueueType::Quorum,
+                        })
+                        .collect(),
+                    bindings: bindings
+                        .iter()
+                        .map(|b| BindingSpec {
+                            queue: b.queue.clone(),
+                            exchange: b.exchange.clone(),
+                            routing_key: b.routing_key.clone(),
+                        })
+                        .collect(),
+                };
+                brokers.insert(name.clone(), Broker::Amqp(Arc::new(AmqpBroker::new(url, topology))));
+            }
+            BrokerConfig::Nats { url, streams } => {
+                let streams = streams
+                    .iter()
+                    .map(|s| crate::broker::nats::StreamSpec {
+                        name: s.name.clone(),
+                        subjects: s.subjects.clone(),
+                        duplicate_window: Duration::from_secs(s.duplicate_window_secs),
+                    })
+                    .collect();
+                let nats = crate::broker::nats::NatsBroker::connect(url, streams)
+                    .await
+                    .with_context(|| format!("broker {name:?}"))?;
+                brokers.insert(name.clone(), Broker::Nats(Arc::new(nats)));
+            }
+        }
+    }
+    Ok(brokers)
 }
 
 /// A consumer name that is stable across restarts of this host and distinct

@@ -9,8 +9,9 @@
 //!    engine, pooling allocator, epoch ticker), loads every component
 //!    (compiled once, cached on disk) and builds one [`delivery::Binding`]
 //!    per handler, kept in the [`registry`], with its [`tenant`]'s limits.
-//! 3. [`delivery::run_binding`] takes deliveries from the binding's
-//!    [`broker::Source`] as concurrency allows; [`delivery::process`] decides
+//! 3. [`delivery::run_binding`] takes deliveries from a lane of the
+//!    binding (its [`broker::Source`] on one [`shard`], the main runtime
+//!    unless `[host] shards` is set) as its share of concurrency allows; [`delivery::process`] decides
 //!    each one: dedup, [`runtime::Runtime::invoke`] (fresh instance, CPU,
 //!    wall-clock and memory limits, host imports in `runtime/host.rs`), then
 //!    outbox → [`broker::Sink`], dedup mark, and ack — or retry with backoff,
@@ -29,6 +30,7 @@ pub mod registry;
 pub mod reload;
 pub mod runtime;
 pub mod server;
+pub mod shard;
 pub mod store;
 pub mod subject;
 pub mod telemetry;

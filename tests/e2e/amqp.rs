@@ -278,7 +278,8 @@ async fn amqp_quorum_queue_counts_redeliveries_as_attempts() -> Result {
     Ok(())
 }
 
-async fn load_then_disrupt(disrupt: &str) -> Result {
+/// `host`: more `[host]` settings (shards).
+async fn load_then_disrupt(disrupt: &str, host: &str) -> Result {
     const MESSAGES: usize = 1000;
     const CONCURRENCY: usize = 8;
     let _turn = SERIAL.lock().await;
@@ -294,7 +295,7 @@ async fn load_then_disrupt(disrupt: &str) -> Result {
             "concurrency = {CONCURRENCY}\nconfig = {{ sleep_ms = \"2\" }}\n[handlers.count.dedup]\nttl_secs = 3600\n"
         ),
     );
-    let setup = Setup::new(&manifest)?;
+    let setup = Setup::with_host(host, &manifest)?;
     let host = setup.start().await?;
     for i in 0..MESSAGES {
         publish(&ch, "", &q, &format!("m{i}"), "{}").await?;
@@ -347,7 +348,17 @@ async fn amqp_sigkill_mid_load_then_restart_loses_nothing() -> Result {
     if !have_binary("rabbitmqctl") {
         return Ok(());
     }
-    load_then_disrupt("kill").await
+    load_then_disrupt("kill", "").await
+}
+
+/// On shards each shard consumes on a channel of its own connection, with
+/// its share of the prefetch.
+#[tokio::test]
+async fn amqp_sigkill_on_shards_loses_nothing() -> Result {
+    if !have_binary("rabbitmqctl") {
+        return Ok(());
+    }
+    load_then_disrupt("kill", "shards = 2").await
 }
 
 #[tokio::test]
@@ -355,7 +366,7 @@ async fn amqp_connection_dropped_mid_load_then_recovered() -> Result {
     if !have_binary("rabbitmqctl") {
         return Ok(());
     }
-    load_then_disrupt("drop").await
+    load_then_disrupt("drop", "").await
 }
 
 /// A queue deleted under a running host (an operator's mistake, or a broker

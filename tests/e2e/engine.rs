@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{Notify, Semaphore, watch};
 use wharf::broker::{Acker, Delivery, OutboundMessage, Sink, Source};
-use wharf::delivery::{Binding, RetryPolicy, Shutdown, run_binding};
+use wharf::delivery::{Binding, Lane, RetryPolicy, Shutdown, run_binding};
 use wharf::kv::{Kv, KvQuota};
 use wharf::runtime::{AttemptLimits, HandlerContext, Runtime, RuntimeConfig};
 use wharf::subject::Grants;
@@ -224,14 +224,18 @@ fn run_held_seeing(name: &str, ids: &[&str], seen: Seen) -> anyhow::Result<HeldR
         name: name.into(),
         component: ArcSwap::new(component),
         context,
-        source: Arc::new(Queue {
-            ids: Mutex::new(ids.iter().map(|id| id.to_string()).collect()),
-            seen: seen.clone(),
-            confirm: confirmed,
-        }),
-        sink: Arc::new(NoSink),
+        lanes: vec![Lane {
+            shard: 0,
+            source: Arc::new(Queue {
+                ids: Mutex::new(ids.iter().map(|id| id.to_string()).collect()),
+                seen: seen.clone(),
+                confirm: confirmed,
+            }),
+            sink: Arc::new(NoSink),
+            dedup: None,
+            concurrency: 1,
+        }],
         dead_letter_queue: format!("{name}.dead"),
-        concurrency: 1,
         tenant_permits: Arc::new(Semaphore::new(1)),
         retry: RetryPolicy {
             max_attempts: 1,
@@ -239,12 +243,11 @@ fn run_held_seeing(name: &str, ids: &[&str], seen: Seen) -> anyhow::Result<HeldR
             max_delay: Duration::from_secs(1),
             multiplier: 2.0,
         },
-        dedup: None,
         rate_limit: None,
         metrics: OnceLock::new(),
     });
     let shutdown = Shutdown::default();
-    let consumer = tokio::spawn(run_binding(binding, runtime, shutdown.clone()));
+    let consumer = tokio::spawn(run_binding(binding, 0, runtime, shutdown.clone()));
     Ok(HeldRun {
         _dir: dir,
         seen,

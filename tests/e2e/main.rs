@@ -391,14 +391,28 @@ async fn payload_too_large_is_dead_lettered_unseen() -> Result {
 
 #[tokio::test]
 async fn sigkill_mid_load_then_restart_loses_nothing() -> Result {
+    sigkill_mid_load("").await
+}
+
+/// On shards the embedded broker's queue has two consumers in one process.
+#[tokio::test]
+async fn sigkill_on_shards_loses_nothing() -> Result {
+    sigkill_mid_load("shards = 2").await
+}
+
+/// `host`: more `[host]` settings (shards).
+async fn sigkill_mid_load(host: &str) -> Result {
     const MESSAGES: usize = 1500;
     const CONCURRENCY: usize = 8;
-    let setup = Setup::new(&handler(
-        "count",
-        "ok",
-        "jobs",
-        &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 1000\n[handlers.count.dedup]\nttl_secs = 3600\n"),
-    ))?;
+    let setup = Setup::with_host(
+        host,
+        &handler(
+            "count",
+            "ok",
+            "jobs",
+            &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 1000\n[handlers.count.dedup]\nttl_secs = 3600\n"),
+        ),
+    )?;
     let host = setup.start().await?;
     host.publish_many("jobs", MESSAGES).await?;
     host.wait_for("some progress", LONG, || async {
@@ -657,6 +671,7 @@ fn readme_manifest_reference_parses_with_every_field() -> Result {
     let path = dir.path().join("wharf.toml");
     let m = wharf::manifest::Manifest::parse(&path, &text).map_err(|e| anyhow::anyhow!("{e}"))?;
     assert_eq!(m.host.worker_threads, Some(2));
+    assert_eq!(m.host.shards, Some(2));
     let h = &m.handlers["validate"];
     assert_eq!(
         (h.concurrency, h.timeout_ms, h.memory_mb, h.instance_reuse),

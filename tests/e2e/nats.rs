@@ -53,6 +53,19 @@ fn on(kind: &str, handler_toml: String) -> String {
 
 #[tokio::test]
 async fn nats_core_two_hosts_share_a_queue_group() -> Result {
+    two_hosts_share_a_queue_group("").await
+}
+
+/// On shards each shard subscribes on a connection of its own, in the same
+/// queue group: two hosts of two shards each are four members, and each
+/// message is still handled once.
+#[tokio::test]
+async fn nats_core_shards_share_the_queue_group() -> Result {
+    two_hosts_share_a_queue_group("shards = 2").await
+}
+
+/// `host`: more `[host]` settings of both hosts.
+async fn two_hosts_share_a_queue_group(host: &str) -> Result {
     let url = url();
     let Some(client) = connect(&url).await else {
         return Ok(());
@@ -72,7 +85,7 @@ async fn nats_core_two_hosts_share_a_queue_group() -> Result {
             )
         )
     );
-    let (one, two) = (Setup::new(&manifest)?, Setup::new(&manifest)?);
+    let (one, two) = (Setup::with_host(host, &manifest)?, Setup::with_host(host, &manifest)?);
     let (h1, h2) = (one.start().await?, two.start().await?);
     let mut forwarded = client.subscribe(out.clone()).await?;
     // Core NATS keeps nothing for late subscribers: warm up until both hosts
@@ -392,6 +405,18 @@ async fn nats_jetstream_success_retry_dead_letter_dedup() -> Result {
 
 #[tokio::test]
 async fn nats_jetstream_sigkill_mid_load_then_restart_loses_nothing() -> Result {
+    jetstream_sigkill_mid_load("").await
+}
+
+/// On shards each shard pulls from the one durable consumer on a
+/// connection of its own.
+#[tokio::test]
+async fn nats_jetstream_sigkill_on_shards_loses_nothing() -> Result {
+    jetstream_sigkill_mid_load("shards = 2").await
+}
+
+/// `host`: more `[host]` settings (shards).
+async fn jetstream_sigkill_mid_load(host: &str) -> Result {
     const MESSAGES: usize = 1500;
     const CONCURRENCY: usize = 8;
     let url = url();
@@ -412,7 +437,7 @@ async fn nats_jetstream_sigkill_mid_load_then_restart_loses_nothing() -> Result 
             &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 1000\n[handlers.count.dedup]\nttl_secs = 3600\n")
         ),
     );
-    let setup = Setup::new(&manifest)?;
+    let setup = Setup::with_host(host, &manifest)?;
     let host = setup.start().await?;
     publish_backlog(&js, &format!("{p}.js.a"), "m", MESSAGES).await?;
     host.wait_for("some progress", LONG, || async {

@@ -363,6 +363,51 @@ async fn redis_pubsub_success_retry_dead_letter_pattern_and_check_warns() -> Res
     Ok(())
 }
 
+/// Pub/sub gives every subscriber every message, so on shards one shard
+/// subscribes (with the handler's whole concurrency): a message is handled
+/// once, not once per shard.
+#[tokio::test]
+async fn redis_pubsub_on_shards_is_read_by_one_shard() -> Result {
+    const MESSAGES: u64 = 20;
+    let url = url();
+    let Some(mut c) = connect(&url).await else {
+        return Ok(());
+    };
+    let p = prefix();
+    let channel = format!("{p}.a");
+    let manifest = format!(
+        "{}{}",
+        broker(&url),
+        redis_handler("channel", "count", "ok", &channel, "concurrency = 4\n")
+    );
+    let setup = Setup::with_host("shards = 2", &manifest)?;
+    let host = setup.start().await?;
+    host.wait_for("the subscription", LONG, || {
+        let (mut c, channel) = (c.clone(), channel.clone());
+        async move { Ok(subscribers(&mut c, &channel).await? >= 1) }
+    })
+    .await?;
+    for _ in 0..MESSAGES {
+        let _: () = c.publish(&channel, "{}").await?;
+    }
+    host.wait_for("every message handled", LONG, || async {
+        Ok(host.outcome_count("count", "acked").await? >= MESSAGES)
+    })
+    .await?;
+    // A second subscriber would have handled each message again by now.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(host.outcome_count("count", "acked").await?, MESSAGES);
+    assert_eq!(subscribers(&mut c, &channel).await?, 1);
+    assert_eq!(host.terminate()?, 0);
+    Ok(())
+}
+
+/// How many clients subscribe to `channel`.
+async fn subscribers(c: &mut redis::aio::MultiplexedConnection, channel: &str) -> Result<u64> {
+    let counts: Vec<(String, u64)> = redis::cmd("PUBSUB").arg("NUMSUB").arg(channel).query_async(c).await?;
+    Ok(counts.first().map_or(0, |(_, n)| *n))
+}
+
 /// Jobs of list `key` anywhere wharf keeps them: the queue, the delayed set
 /// and every consumer's processing list, counted in one Lua script — an
 /// atomic snapshot. (Listing the processing lists first and counting after
@@ -409,7 +454,8 @@ async fn preload(c: &mut redis::aio::MultiplexedConnection, key: &str, list: boo
 /// Kill a host mid-load, start it again, and count: every message handled;
 /// run twice, at most the running ones with dedup, and also those whose ack
 /// was not yet confirmed without (README: "What a crash can repeat").
-async fn sigkill_mid_load(kind: &str, dedup: bool) -> Result {
+/// `host`: more `[host]` settings (shards).
+async fn sigkill_mid_load(kind: &str, dedup: bool, host: &str) -> Result {
     const MESSAGES: usize = 1500;
     const CONCURRENCY: usize = 8;
     let dedup_table = if dedup {
@@ -434,7 +480,7 @@ async fn sigkill_mid_load(kind: &str, dedup: bool) -> Result {
             &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 1000\n{dedup_table}")
         )
     );
-    let setup = Setup::new(&manifest)?;
+    let setup = Setup::with_host(host, &manifest)?;
     preload(&mut c, &key, kind == "list", &p, MESSAGES).await?;
     let host = setup.start().await?;
     host.wait_for("some progress", LONG, || async {
@@ -448,8 +494,8 @@ async fn sigkill_mid_load(kind: &str, dedup: bool) -> Result {
         "everything was done before the kill; the test proves nothing"
     );
 
-    // The restarted host has the same consumer name (same data folder), so
-    // it takes back what the killed one held.
+    // The restarted host has the same consumer names (same data folder and
+    // shards), so it takes back what the killed one held.
     let host = setup.start().await?;
     host.wait_for("the backlog to drain", LONG, || {
         let mut c = c.clone();
@@ -473,17 +519,81 @@ async fn sigkill_mid_load(kind: &str, dedup: bool) -> Result {
 
 #[tokio::test]
 async fn redis_stream_sigkill_mid_load_then_restart_loses_nothing() -> Result {
-    sigkill_mid_load("stream", true).await
+    sigkill_mid_load("stream", true, "").await
 }
 
 #[tokio::test]
 async fn redis_stream_sigkill_without_dedup_repeats_at_most_twice_concurrency() -> Result {
-    sigkill_mid_load("stream", false).await
+    sigkill_mid_load("stream", false, "").await
 }
 
 #[tokio::test]
 async fn redis_list_sigkill_mid_load_then_restart_loses_nothing() -> Result {
-    sigkill_mid_load("list", true).await
+    sigkill_mid_load("list", true, "").await
+}
+
+/// On shards each shard reads as a consumer of its own: at a restart each
+/// takes back what it held (the shares of concurrency add up, so the
+/// repeats are bounded as on one thread).
+#[tokio::test]
+async fn redis_stream_sigkill_on_shards_loses_nothing() -> Result {
+    sigkill_mid_load("stream", false, "shards = 3").await
+}
+
+#[tokio::test]
+async fn redis_list_sigkill_on_shards_loses_nothing() -> Result {
+    sigkill_mid_load("list", true, "shards = 3").await
+}
+
+/// With `shards = 2` a stream is read by two consumers of the group, the
+/// host's name and that name with `-shard1`, which share the handler's
+/// concurrency; every message is handled once.
+#[tokio::test]
+async fn redis_shards_read_as_consumers_of_their_own() -> Result {
+    const MESSAGES: usize = 400;
+    let url = url();
+    let Some(mut c) = connect(&url).await else {
+        return Ok(());
+    };
+    let p = prefix();
+    let key = format!("{p}.jobs");
+    let manifest = format!(
+        "[brokers.r]\nkind = \"redis\"\nurl = {url:?}\nconsumer = \"{p}-host\"\n\n{}",
+        redis_handler("stream", "count", "ok", &key, "concurrency = 4\n")
+    );
+    let setup = Setup::with_host("shards = 2", &manifest)?;
+    preload(&mut c, &key, false, &p, MESSAGES).await?;
+    let host = setup.start().await?;
+    host.wait_for("the backlog to drain", LONG, || {
+        let mut c = c.clone();
+        let key = key.clone();
+        async move { Ok(group_backlog(&mut c, &key).await == 0) }
+    })
+    .await?;
+    assert_eq!(host.outcome_count("count", "acked").await?, MESSAGES as u64);
+    assert!(
+        host.logs()
+            .lines()
+            .any(|l| l.contains("wharf running") && l.contains("shards=2"))
+    );
+    assert_eq!(host.terminate()?, 0);
+
+    // XINFO CONSUMERS: one consumer per shard.
+    let consumers: Vec<std::collections::HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("CONSUMERS")
+        .arg(&key)
+        .arg("wharf")
+        .query_async(&mut c)
+        .await?;
+    let mut names = consumers
+        .iter()
+        .map(|consumer| redis::from_redis_value_ref::<String>(&consumer["name"]))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    names.sort();
+    assert_eq!(names, [format!("{p}-host"), format!("{p}-host-shard1")]);
+    let db = setup.open()?;
+    db.assert_every_message_handled((0..MESSAGES).map(|i| format!("{p}m{i}")), 0);
+    Ok(())
 }
 
 #[tokio::test]

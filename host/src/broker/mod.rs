@@ -162,19 +162,22 @@ pub struct Endpoints {
 
 impl Broker {
     /// The source for `cfg`, and its dead-letter queue (`dead_letter` when
-    /// the manifest names one). `reclaim_after`: how long an entry must sit
+    /// the manifest names one). `concurrency`: the messages the source's
+    /// consumer loop runs at once (the handler's, or its share on a shard),
+    /// which sizes prefetch. `reclaim_after`: how long an entry must sit
     /// idle with a dead consumer before another host takes it (streams).
     pub fn endpoints(
         &self,
         handler: &str,
         h: &crate::manifest::HandlerConfig,
+        concurrency: u32,
         lease: Duration,
         reclaim_after: Duration,
     ) -> Endpoints {
         let (cfg, dead_letter) = (&h.source, h.dead_letter.as_deref());
         match self {
             Broker::Amqp(b) => Endpoints {
-                source: b.source(&cfg.subject, u16::try_from(h.concurrency).unwrap_or(u16::MAX)),
+                source: b.source(&cfg.subject, u16::try_from(concurrency).unwrap_or(u16::MAX)),
                 dead_letter_queue: dead_letter
                     .map(str::to_string)
                     .unwrap_or_else(|| format!("{}.dead", cfg.subject)),
@@ -208,7 +211,7 @@ impl Broker {
                         if h.rate_limit.is_some() {
                             1
                         } else {
-                            h.concurrency as usize
+                            concurrency as usize
                         },
                     ),
                     _ => b.core_source(&cfg.subject, group),
@@ -220,6 +223,20 @@ impl Broker {
                         .unwrap_or_else(|| format!("wharf.dead.{handler}")),
                 }
             }
+        }
+    }
+
+    /// Whether the consumers of `cfg`'s source share its messages, each
+    /// going to one of them, so that every shard may read it. Redis pub/sub
+    /// gives every subscriber every message: one shard reads it. (Core NATS
+    /// subscribes in a queue group; every other source leases.)
+    pub fn shares_messages(&self, cfg: &crate::manifest::SourceConfig) -> bool {
+        match self {
+            Broker::Redis(_) => !matches!(
+                redis_kind(cfg.kind),
+                Some(redis::RedisKind::Channel | redis::RedisKind::Pattern)
+            ),
+            Broker::Embedded(_) | Broker::Nats(_) | Broker::Amqp(_) => true,
         }
     }
 
@@ -266,6 +283,16 @@ impl Broker {
         match self {
             Broker::Embedded(_) | Broker::Nats(_) | Broker::Amqp(_) => Arc::new(local.clone()),
             Broker::Redis(b) => b.dedup(),
+        }
+    }
+
+    /// Try to connect once (at start-up, to report readiness early).
+    pub async fn probe(&self) -> Result<()> {
+        match self {
+            Broker::Embedded(_) => Ok(()),
+            Broker::Redis(b) => b.probe().await,
+            Broker::Nats(b) => b.probe().await,
+            Broker::Amqp(b) => b.probe().await,
         }
     }
 

@@ -70,25 +70,35 @@ pub struct Binding {
     pub component: ArcSwap<LoadedComponent>,
     /// Limits, grants, config and key-value store of the handler.
     pub context: Arc<HandlerContext>,
-    /// Where messages come from.
-    pub source: Arc<dyn Source>,
-    /// Where the outbox goes.
-    pub sink: Arc<dyn Sink>,
+    /// One consumer loop each, on its own shard ([`crate::shard`]); at
+    /// least one.
+    pub lanes: Vec<Lane>,
     /// Dead-letter queue name.
     pub dead_letter_queue: String,
-    /// Messages of this handler running at once (as many more may wait for
-    /// their ack: [`Slot`]).
-    pub concurrency: usize,
     /// The tenant's shared in-flight budget.
     pub tenant_permits: Arc<Semaphore>,
     /// Retry timing.
     pub retry: RetryPolicy,
-    /// Dedup store and TTL, when dedup is on.
-    pub dedup: Option<(Arc<dyn DedupStore>, Duration)>,
     /// Rate limit, when set.
     pub rate_limit: Option<DefaultDirectRateLimiter>,
     /// The binding's metric handles, registered on first use.
     pub metrics: OnceLock<BindingMetrics>,
+}
+
+/// A binding's share of one shard: its own connections to the broker and
+/// its share of the handler's concurrency.
+pub struct Lane {
+    /// The shard it runs on.
+    pub shard: usize,
+    /// Where messages come from.
+    pub source: Arc<dyn Source>,
+    /// Where the outbox goes.
+    pub sink: Arc<dyn Sink>,
+    /// Dedup store and TTL, when dedup is on.
+    pub dedup: Option<(Arc<dyn DedupStore>, Duration)>,
+    /// Messages of this lane running at once (as many more may wait for
+    /// their ack: [`Slot`]); the lanes' add up to the handler's.
+    pub concurrency: usize,
 }
 
 /// A binding's counters and histogram, looked up in the recorder once rather
@@ -183,6 +193,11 @@ impl Settled {
 }
 
 impl Binding {
+    /// Messages of this handler running at once, over all its lanes.
+    pub fn concurrency(&self) -> usize {
+        self.lanes.iter().map(|l| l.concurrency).sum()
+    }
+
     fn lease(&self) -> Duration {
         lease_for(self.context.limits.timeout)
     }
@@ -214,25 +229,27 @@ impl Binding {
     }
 }
 
-/// Run `binding`'s consumer loop until `shutdown.stop`, then drain.
-pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown: Shutdown) {
-    let permits = Arc::new(Semaphore::new(binding.concurrency));
-    let settling = Arc::new(Semaphore::new(binding.concurrency));
+/// Run the consumer loop of `binding`'s lane `lane` until `shutdown.stop`,
+/// then drain. Its attempts run on the runtime it runs on.
+pub async fn run_binding(binding: Arc<Binding>, lane: usize, runtime: Arc<Runtime>, shutdown: Shutdown) {
+    let this = &binding.lanes[lane];
+    let permits = Arc::new(Semaphore::new(this.concurrency));
+    let settling = Arc::new(Semaphore::new(this.concurrency));
     let mut in_flight = JoinSet::new();
     let mut receive_errors = 0u32;
     // Whether the source was stopped already (with a receive under way).
     let stopped = loop {
         while in_flight.try_join_next().is_some() {}
         let slots = tokio::select! {
-            s = take_slots(&binding, &permits) => s,
+            s = take_slots(&binding, this.concurrency, &permits) => s,
             _ = shutdown.stop.cancelled() => break false,
         };
-        let receive = binding.source.receive(slots.len(), binding.lease());
+        let receive = this.source.receive(slots.len(), binding.lease());
         tokio::pin!(receive);
         let received = tokio::select! {
             r = &mut receive => r,
             _ = shutdown.stop.cancelled() => {
-                finish_receive(&binding, receive).await;
+                finish_receive(&binding, this, receive).await;
                 break true;
             }
         };
@@ -269,16 +286,17 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
                 // A shutdown that gives up on what is in flight releases a
                 // message only while its fate is still open: once a verdict
                 // is being told to the broker, that verdict stands.
+                let lane = &binding.lanes[lane];
                 let verdict = tokio::select! {
-                    verdict = decide(&binding, &runtime, &delivery, payload, &mut slot) => verdict,
-                    _ = abort.cancelled() => return give_up(&binding, &delivery, &slot).await,
+                    verdict = decide(&binding, lane, &runtime, &delivery, payload, &mut slot) => verdict,
+                    _ = abort.cancelled() => return give_up(&binding, lane, &delivery, &slot).await,
                 };
-                tell(&binding, &delivery, verdict, &slot, &abort).await
+                tell(&binding, lane, &delivery, verdict, &slot, &abort).await
             }));
         }
     };
     if !stopped {
-        stop_source(&binding).await;
+        stop_source(&binding, this).await;
     }
     while in_flight.join_next().await.is_some() {}
 }
@@ -291,8 +309,8 @@ pub async fn run_binding(binding: Arc<Binding>, runtime: Arc<Runtime>, shutdown:
 /// and every other backend redelivers when the lease runs out.
 const SOURCE_STOP: Duration = Duration::from_secs(5);
 
-async fn stop_source(binding: &Binding) {
-    if tokio::time::timeout(SOURCE_STOP, binding.source.stop()).await.is_err() {
+async fn stop_source(binding: &Binding, lane: &Lane) {
+    if tokio::time::timeout(SOURCE_STOP, lane.source.stop()).await.is_err() {
         tracing::warn!(
             handler = %binding.name,
             "the source did not stop within {} s of shutdown; what it holds comes back from the broker",
@@ -312,8 +330,11 @@ const RECEIVE_FINISH: Duration = Duration::from_secs(3);
 /// ran out. Instead stop the source (so it waits for nothing more), let the
 /// receive finish, and release what it took at once. Both run together: a
 /// source's stop may wait for the lock its receive holds.
-async fn finish_receive(binding: &Binding, receive: impl Future<Output = anyhow::Result<Vec<Delivery>>>) {
-    let (_, received) = tokio::join!(stop_source(binding), tokio::time::timeout(RECEIVE_FINISH, receive));
+async fn finish_receive(binding: &Binding, lane: &Lane, receive: impl Future<Output = anyhow::Result<Vec<Delivery>>>) {
+    let (_, received) = tokio::join!(
+        stop_source(binding, lane),
+        tokio::time::timeout(RECEIVE_FINISH, receive)
+    );
     match received {
         // All at once, each bounded: one by one, a broker that stopped
         // answering would hold the exit for its client's timeout per message.
@@ -389,7 +410,7 @@ impl Slot {
 /// Wait for one free slot of the handler and the tenant, then take as many
 /// more as are free at once (up to the handler's concurrency): the size of
 /// the next batch. Rate-limited handlers take one at a time, after the limit.
-async fn take_slots(binding: &Binding, permits: &Arc<Semaphore>) -> Vec<Running> {
+async fn take_slots(binding: &Binding, concurrency: usize, permits: &Arc<Semaphore>) -> Vec<Running> {
     let mut slots = Vec::new();
     let Ok(first) = permits.clone().acquire_owned().await else {
         return slots;
@@ -402,7 +423,7 @@ async fn take_slots(binding: &Binding, permits: &Arc<Semaphore>) -> Vec<Running>
         limiter.until_ready().await;
         return slots;
     }
-    while slots.len() < binding.concurrency {
+    while slots.len() < concurrency {
         let (Ok(p), Ok(t)) = (
             permits.clone().try_acquire_owned(),
             binding.tenant_permits.clone().try_acquire_owned(),
@@ -445,7 +466,14 @@ impl Verdict {
 /// Decide what happens to one delivery, whose payload has been taken out of
 /// it (so that the attempt gets it without a copy): everything up to
 /// telling the broker, which [`tell`] does.
-async fn decide(binding: &Binding, runtime: &Runtime, d: &Delivery, payload: Bytes, slot: &mut Slot) -> Verdict {
+async fn decide(
+    binding: &Binding,
+    lane: &Lane,
+    runtime: &Runtime,
+    d: &Delivery,
+    payload: Bytes,
+    slot: &mut Slot,
+) -> Verdict {
     let limits = binding.context.limits;
     if payload.len() > limits.max_payload_bytes {
         let failure = Failure::new(
@@ -458,7 +486,7 @@ async fn decide(binding: &Binding, runtime: &Runtime, d: &Delivery, payload: Byt
         );
         return dead_letter(binding, d, &failure);
     }
-    if let Some((store, _)) = &binding.dedup {
+    if let Some((store, _)) = &lane.dedup {
         match store.claim(&binding.name, &d.id, binding.lease()).await {
             Ok(Claim::Acquired) => slot.claimed = true,
             Ok(Claim::Done) => {
@@ -479,12 +507,19 @@ async fn decide(binding: &Binding, runtime: &Runtime, d: &Delivery, payload: Byt
             }
         }
     }
-    run_attempt(binding, runtime, d, payload, slot).await
+    run_attempt(binding, lane, runtime, d, payload, slot).await
 }
 
 /// Run one attempt and decide by its outcome; a handled message also trades
 /// its running slot for a place in the settling budget.
-async fn run_attempt(binding: &Binding, runtime: &Runtime, d: &Delivery, payload: Bytes, slot: &mut Slot) -> Verdict {
+async fn run_attempt(
+    binding: &Binding,
+    lane: &Lane,
+    runtime: &Runtime,
+    d: &Delivery,
+    payload: Bytes,
+    slot: &mut Slot,
+) -> Verdict {
     let limits = binding.context.limits;
     let component = binding.component.load_full();
     let msg = Message {
@@ -508,17 +543,17 @@ async fn run_attempt(binding: &Binding, runtime: &Runtime, d: &Delivery, payload
     }
     if !attempt.outbox.is_empty() {
         let count = attempt.outbox.len();
-        if let Err(e) = binding.sink.publish(attempt.outbox).await {
+        if let Err(e) = lane.sink.publish(attempt.outbox).await {
             let failure = Failure::new(FailureKind::Error, format!("outbox of {count} not confirmed: {e:#}"));
             return retry_or_dead_letter(binding, d, &failure);
         }
     }
-    if let Some((store, ttl)) = &binding.dedup
+    if let Some((store, ttl)) = &lane.dedup
         && let Err(e) = store.finish(&binding.name, &d.id, *ttl).await
     {
         tracing::warn!(handler = %binding.name, message_id = %d.id, error = %format!("{e:#}"), "could not record dedup mark; a redelivery would run again");
     }
-    slot.settle_only(&*binding.source).await;
+    slot.settle_only(&*lane.source).await;
     Verdict::Ack
 }
 
@@ -583,7 +618,14 @@ fn dead_letter(binding: &Binding, d: &Delivery, failure: &Failure) -> Verdict {
 const TELL_AT_SHUTDOWN: Duration = Duration::from_secs(1);
 
 /// Tell the broker the verdict, and count what came of it.
-async fn tell(binding: &Binding, d: &Delivery, verdict: Verdict, slot: &Slot, abort: &CancellationToken) -> Settled {
+async fn tell(
+    binding: &Binding,
+    lane: &Lane,
+    d: &Delivery,
+    verdict: Verdict,
+    slot: &Slot,
+    abort: &CancellationToken,
+) -> Settled {
     let intended = verdict.outcome();
     let told = async {
         let result = match verdict {
@@ -601,7 +643,7 @@ async fn tell(binding: &Binding, d: &Delivery, verdict: Verdict, slot: &Slot, ab
         _ = abort.cancelled() => told_at_shutdown(binding, d, intended, &mut told).await,
     };
     if slot.claimed && settled != Settled::Acked {
-        drop_claim(binding, d).await;
+        drop_claim(binding, lane, d).await;
     }
     settled
 }
@@ -632,10 +674,10 @@ async fn told_at_shutdown(
 
 /// A shutdown gave up on the delivery before its verdict: release it, and
 /// drop the dedup claim its attempt holds.
-async fn give_up(binding: &Binding, d: &Delivery, slot: &Slot) -> Settled {
+async fn give_up(binding: &Binding, lane: &Lane, d: &Delivery, slot: &Slot) -> Settled {
     let released = release(binding, d).await;
     if slot.claimed {
-        drop_claim(binding, d).await;
+        drop_claim(binding, lane, d).await;
     }
     released
 }
@@ -644,8 +686,8 @@ async fn give_up(binding: &Binding, d: &Delivery, slot: &Slot) -> Settled {
 /// claim has no owner, and another attempt's must stand). Bounded like a
 /// verdict after a shutdown gave up, since it may run then: the claim
 /// expires with the lease anyway.
-async fn drop_claim(binding: &Binding, d: &Delivery) {
-    let Some((store, _)) = &binding.dedup else { return };
+async fn drop_claim(binding: &Binding, lane: &Lane, d: &Delivery) {
+    let Some((store, _)) = &lane.dedup else { return };
     let failed = match tokio::time::timeout(TELL_AT_SHUTDOWN, store.abandon(&binding.name, &d.id)).await {
         Ok(Ok(())) => return,
         Ok(Err(e)) => format!("{e:#}"),

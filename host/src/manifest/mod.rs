@@ -80,6 +80,12 @@ pub struct HostConfig {
     /// CPU per message (no hand-offs between threads) but runs one Wasm call
     /// at a time; docs/BENCHMARKS.md measures the trade.
     pub worker_threads: Option<u32>,
+    /// Run the consumers on this many single-threaded shards, each with its
+    /// own broker connections and an even share of every handler's
+    /// concurrency, so that a message is received, handled and acked on one
+    /// thread ([`crate::shard`]). Default: none; the consumers run on the
+    /// `worker_threads`, which then serve only HTTP, reloads and sweeps.
+    pub shards: Option<u32>,
 }
 
 impl Default for HostConfig {
@@ -90,6 +96,7 @@ impl Default for HostConfig {
             shutdown_grace_ms: default_shutdown_grace_ms(),
             watch: default_watch(),
             worker_threads: None,
+            shards: None,
         }
     }
 }

@@ -66,6 +66,9 @@ fn check(m: &mut Manifest, report: &mut dyn FnMut(&[&str], String), warn: &mut d
     if m.host.worker_threads == Some(0) {
         report(&["host", "worker_threads"], "must be at least 1".into());
     }
+    if m.host.shards == Some(0) {
+        report(&["host", "shards"], "must be at least 1".into());
+    }
 
     for (name, tenant) in &m.tenants {
         let at = |field: &'static str| ["tenants", name.as_str(), field];
@@ -499,15 +502,21 @@ mod tests {
     }
 
     #[test]
-    fn zero_worker_threads_is_named_with_its_line() {
+    fn zero_worker_threads_or_shards_is_named_with_its_line() {
         let handler = "[handlers.a]\ncomponent = \"a.wasm\"\nsource = { subject = \"x\" }\n";
-        let e = errors(&format!("[host]\nwatch = false\nworker_threads = 0\n{handler}"));
+        let e = errors(&format!(
+            "[host]\nwatch = false\nworker_threads = 0\nshards = 0\n{handler}"
+        ));
         assert!(
             e[0].starts_with("/nowhere/wharf.toml:3: host.worker_threads: must be at least 1"),
             "{e:?}"
         );
+        assert!(
+            e[1].starts_with("/nowhere/wharf.toml:4: host.shards: must be at least 1"),
+            "{e:?}"
+        );
         // One is allowed (only the missing component is reported).
-        let e = errors(&format!("[host]\nworker_threads = 1\n{handler}"));
+        let e = errors(&format!("[host]\nworker_threads = 1\nshards = 1\n{handler}"));
         assert_eq!(e.len(), 1, "{e:?}");
         assert!(e[0].contains("handlers.a.component"), "{e:?}");
     }
