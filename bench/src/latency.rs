@@ -104,7 +104,7 @@ async fn measure_run(
             );
             std::fs::write(
                 &manifest,
-                crate::suite::wharf_manifest(component, t, urls, &data, 100, None, &extra),
+                crate::suite::wharf_manifest(component, t, urls, &data, 100, "", &extra),
             )?;
             wharf = Some(Wharf::start(&measure::wharf_binary()?, &manifest, &data).await?);
             _dir = dir;

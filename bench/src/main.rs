@@ -85,6 +85,23 @@ pub struct DrainArgs {
     /// wharf only: the host's `worker_threads` (unset: one per CPU).
     #[arg(long)]
     worker_threads: Option<u32>,
+    /// wharf only: the host's `shards` (unset: none).
+    #[arg(long)]
+    shards: Option<u32>,
+}
+
+impl DrainArgs {
+    /// The `[host]` lines of wharf's manifest these arguments set.
+    fn host_settings(&self) -> String {
+        let mut lines = String::new();
+        if let Some(n) = self.worker_threads {
+            lines.push_str(&format!("worker_threads = {n}\n"));
+        }
+        if let Some(n) = self.shards {
+            lines.push_str(&format!("shards = {n}\n"));
+        }
+        lines
+    }
 }
 
 #[derive(Subcommand)]
@@ -320,7 +337,7 @@ async fn main() -> Result<()> {
         Command::Drain(args) => {
             let sample = suite::drain(&component?, &args).await?;
             println!(
-                "drain {} {:?} messages={} payload={}B concurrency={} dedup={} instance_reuse={} worker_threads={}: {:.0} msg/s, CPU {:.1} µs/msg, peak RSS {:.1} MiB, broker {}",
+                "drain {} {:?} messages={} payload={}B concurrency={} dedup={} instance_reuse={} worker_threads={} shards={}: {:.0} msg/s, CPU {:.1} µs/msg, peak RSS {:.1} MiB, broker {}",
                 args.path.name(),
                 args.consumer,
                 args.messages,
@@ -329,6 +346,7 @@ async fn main() -> Result<()> {
                 args.dedup,
                 args.instance_reuse,
                 args.worker_threads.map_or_else(|| "default".into(), |n| n.to_string()),
+                args.shards.map_or_else(|| "none".into(), |n| n.to_string()),
                 sample.rate(),
                 sample.cpu_us_per_msg(),
                 sample.peak_rss_mib(),
@@ -370,6 +388,7 @@ async fn main() -> Result<()> {
                     dedup: false,
                     instance_reuse: 1,
                     worker_threads: None,
+                    shards: None,
                 };
                 Some(suite::drain(&component, &native).await?.rate())
             };

@@ -13,6 +13,9 @@ use crate::{Consumer, DrainArgs};
 
 /// The `instance_reuse` of the suite's fastest mode.
 pub const REUSE: u32 = 1000;
+/// The `shards` of the sharded columns: one per vCPU of the machine the
+/// suite was made for (two).
+pub const SHARDS: u32 = 2;
 
 /// A name no other run uses.
 fn run_id() -> String {
@@ -45,13 +48,12 @@ pub fn wharf_manifest(
     urls: &Urls,
     data_dir: &FsPath,
     concurrency: u32,
-    worker_threads: Option<u32>,
+    host: &str,
     extra: &str,
 ) -> String {
     let (brokers, source) = paths::manifest_source(t, urls);
-    let threads = worker_threads.map_or_else(String::new, |n| format!("worker_threads = {n}\n"));
     format!(
-        "[host]\ndata_dir = {:?}\nhttp = \"127.0.0.1:0\"\n{threads}\n{brokers}\n[tenants.default]\nmax_concurrency = {concurrency}\npublish = [\"bench.>\"]\n\n\
+        "[host]\ndata_dir = {:?}\nhttp = \"127.0.0.1:0\"\n{host}\n{brokers}\n[tenants.default]\nmax_concurrency = {concurrency}\npublish = [\"bench.>\"]\n\n\
          [handlers.bench]\ncomponent = {:?}\nsource = {source}\nconcurrency = {concurrency}\n{extra}",
         data_dir.display().to_string(),
         component.display().to_string(),
@@ -96,7 +98,7 @@ async fn drain_on(component: &FsPath, a: &DrainArgs, t: &Target, urls: &Urls) ->
             let manifest_path = dir.path().join("wharf.toml");
             std::fs::write(
                 &manifest_path,
-                wharf_manifest(component, t, urls, &data, a.concurrency, a.worker_threads, &extra),
+                wharf_manifest(component, t, urls, &data, a.concurrency, &a.host_settings(), &extra),
             )?;
             // The component compiled into the data folder's cache first (the
             // embedded preload's host does it), so wharf starts as it does
@@ -213,10 +215,12 @@ async fn preload_embedded(path: &FsPath, t: &Target, n: usize, body: &[u8]) -> R
 #[derive(Default)]
 struct Row {
     wharf: Cell,
+    /// The default on a host with `shards = SHARDS`.
+    sharded: Cell,
     dedup: Cell,
     reuse: Cell,
-    /// `instance_reuse` on a host with `worker_threads = 1`.
-    reuse_one_thread: Cell,
+    /// `instance_reuse` on a host with `shards = SHARDS`.
+    reuse_sharded: Cell,
     native: Cell,
     peer: Cell,
 }
@@ -298,13 +302,14 @@ async fn drain_logged(component: &FsPath, a: &DrainArgs, label: &str, log: &mut 
     let placement = round_trip.map_or_else(String::new, |ns| format!(", vCPU round trip {ns:.0} ns"));
     let r = drain(component, a).await.map_err(|e| format!("{e:#}"));
     let what = format!(
-        "{label}: {} {}B {:?}{}{}{}",
+        "{label}: {} {}B {:?}{}{}{}{}",
         a.path.name(),
         a.payload_bytes,
         a.consumer,
         if a.dedup { " dedup" } else { "" },
         if a.instance_reuse > 1 { " reuse" } else { "" },
         a.worker_threads.map_or_else(String::new, |n| format!(" {n} thread(s)")),
+        a.shards.map_or_else(String::new, |n| format!(" {n} shard(s)")),
     );
     match &r {
         Ok(s) => eprintln!(
@@ -407,9 +412,9 @@ fn per_consumer_table(
 fn consumer_header() -> (String, &'static str) {
     (
         format!(
-            "| path | payload | wharf | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | the same, `worker_threads = 1` | native Rust | peer"
+            "| path | payload | wharf | wharf, `shards = {SHARDS}` | wharf, dedup on | wharf, `instance_reuse = {REUSE}` | the same, `shards = {SHARDS}` | native Rust | peer"
         ),
-        "|---|---|---|---|---|---|---|---",
+        "|---|---|---|---|---|---|---|---|---",
     )
 }
 
@@ -417,13 +422,14 @@ fn consumer_header() -> (String, &'static str) {
 /// [`consumer_header`]; the caller closes the row (or adds columns).
 fn consumer_cells(path: Path, payload: usize, r: &Row, figure: fn(&Cell) -> String) -> String {
     format!(
-        "| {} | {} B | {} | {} | {} | {} | {} | {}{}",
+        "| {} | {} B | {} | {} | {} | {} | {} | {} | {}{}",
         path.name(),
         payload,
         figure(&r.wharf),
+        figure(&r.sharded),
         figure(&r.dedup),
         figure(&r.reuse),
-        figure(&r.reuse_one_thread),
+        figure(&r.reuse_sharded),
         figure(&r.native),
         peer_name(path),
         figure(&r.peer),
@@ -490,7 +496,7 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
             // Each round drains with every consumer in turn, so a ratio
             // compares drains minutes apart.
             for round in 1..=rounds {
-                let cell = |consumer, dedup, instance_reuse, worker_threads| DrainArgs {
+                let cell = |consumer, dedup, instance_reuse, shards| DrainArgs {
                     path,
                     consumer,
                     messages: n,
@@ -498,15 +504,18 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
                     concurrency: 100,
                     dedup,
                     instance_reuse,
-                    worker_threads,
+                    worker_threads: None,
+                    shards,
                 };
                 let label = format!("round {round}");
                 let mut measure = async |args: DrainArgs| drain_logged(component, &args, &label, &mut log).await;
                 row.wharf.push(measure(cell(Consumer::Wharf, false, 1, None)).await);
+                row.sharded
+                    .push(measure(cell(Consumer::Wharf, false, 1, Some(SHARDS))).await);
                 row.dedup.push(measure(cell(Consumer::Wharf, true, 1, None)).await);
                 row.reuse.push(measure(cell(Consumer::Wharf, false, REUSE, None)).await);
-                row.reuse_one_thread
-                    .push(measure(cell(Consumer::Wharf, false, REUSE, Some(1))).await);
+                row.reuse_sharded
+                    .push(measure(cell(Consumer::Wharf, false, REUSE, Some(SHARDS))).await);
                 if path != Path::Embedded {
                     let native = measure(cell(Consumer::Native, false, 1, None)).await;
                     if path == Path::RedisStream
@@ -529,7 +538,7 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
     writeln!(
         out,
         "\n{n} messages per drain, 100 in flight; msg/s (consumer CPU µs/msg){}\n\n\
-         {header} | wharf / native | reuse / native | reuse, 1 thread / native | wharf / peer | reuse / peer | reuse, 1 thread / peer |\n{rule}|---|---|---|---|---|---|",
+         {header} | wharf / native | shards / native | reuse / native | reuse, shards / native | wharf / peer | shards / peer | reuse / peer | reuse, shards / peer |\n{rule}|---|---|---|---|---|---|---|---|",
         if rounds > 1 {
             format!("; the median of {rounds} alternating rounds, and the median of the rounds' ratios")
         } else {
@@ -539,14 +548,16 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
     for (path, payload, r) in &rows {
         writeln!(
             out,
-            "{} | {} | {} | {} | {} | {} | {} |",
+            "{} | {} | {} | {} | {} | {} | {} | {} | {} |",
             consumer_cells(*path, *payload, r, show),
             ratio(&r.wharf, &r.native),
+            ratio(&r.sharded, &r.native),
             ratio(&r.reuse, &r.native),
-            ratio(&r.reuse_one_thread, &r.native),
+            ratio(&r.reuse_sharded, &r.native),
             ratio(&r.wharf, &r.peer),
+            ratio(&r.sharded, &r.peer),
             ratio(&r.reuse, &r.peer),
-            ratio(&r.reuse_one_thread, &r.peer),
+            ratio(&r.reuse_sharded, &r.peer),
         )?;
     }
 
@@ -571,6 +582,7 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
                 dedup: false,
                 instance_reuse,
                 worker_threads: None,
+                shards: None,
             };
             vec![drain_logged(component, &args, "concurrency 1", &mut log).await]
         };
