@@ -79,11 +79,22 @@ impl App {
         let shards = Shards::start(manifest.host.shards)?;
         let mut brokers = Vec::with_capacity(shards.len());
         for shard in 0..shards.len() {
+            // What the first shard made that the others share.
+            let shared = brokers
+                .first()
+                .map_or_else(BTreeMap::new, |first: &BTreeMap<String, Broker>| {
+                    first
+                        .iter()
+                        .filter(|(_, b)| !b.connection_per_shard())
+                        .map(|(name, b)| (name.clone(), b.clone()))
+                        .collect()
+                });
             let connecting = connect_brokers(
                 manifest.brokers.clone(),
                 broker.clone(),
                 manifest.host.data_dir.clone(),
                 shard,
+                shared,
             );
             let connected = shards
                 .handle(shard)
@@ -147,7 +158,7 @@ impl App {
             let lease = delivery::lease_for(Duration::from_millis(h.timeout_ms));
             let mut lanes = Vec::new();
             let mut dead_letter_queue = String::new();
-            let readers = if brokers[0][&h.source.broker].shares_messages(&h.source) {
+            let readers = if brokers[0][&h.source.broker].read_on_every_shard(&h.source) {
                 shards.len()
             } else {
                 1
@@ -284,9 +295,10 @@ impl App {
     }
 }
 
-/// The brokers of shard `shard` by name: `embedded` and a connection of its
-/// own to each configured one. Run on the shard, so that a client's
-/// driver task runs there. The Redis consumer name of shard n > 0 has
+/// The brokers of shard `shard` by name: `embedded`, those in `shared` (made
+/// by the first shard, [`Broker::connection_per_shard`]) and a connection of
+/// its own to each other configured one. Run on the shard, so that a
+/// client's driver task runs there. The Redis consumer name of shard n > 0 has
 /// `-shard<n>` appended: each shard reads (and at start re-reads) its own pending
 /// entries, and a shard that no longer runs has them reclaimed like a dead
 /// host's.
@@ -295,9 +307,14 @@ async fn connect_brokers(
     embedded: EmbeddedBroker,
     data_dir: std::path::PathBuf,
     shard: usize,
+    shared: BTreeMap<String, Broker>,
 ) -> Result<BTreeMap<String, Broker>> {
     let mut brokers = BTreeMap::from([(EMBEDDED_BROKER.to_string(), Broker::Embedded(embedded))]);
     for (name, cfg) in &configs {
+        if let Some(b) = shared.get(name) {
+            brokers.insert(name.clone(), b.clone());
+            continue;
+        }
         match cfg {
             BrokerConfig::Embedded {} => {}
             BrokerConfig::Redis { url, consumer } => {

@@ -297,6 +297,10 @@ async fn load_then_disrupt(disrupt: &str, host: &str) -> Result {
     );
     let setup = Setup::with_host(host, &manifest)?;
     let host = setup.start().await?;
+    // Shards share the one connection (lapin drives each on a thread of its
+    // own, so one per shard would add threads, not locality).
+    let logs = host.logs();
+    assert_eq!(logs.matches("connected to RabbitMQ").count(), 1, "{logs}");
     for i in 0..MESSAGES {
         publish(&ch, "", &q, &format!("m{i}"), "{}").await?;
     }
@@ -351,8 +355,9 @@ async fn amqp_sigkill_mid_load_then_restart_loses_nothing() -> Result {
     load_then_disrupt("kill", "").await
 }
 
-/// On shards each shard consumes on a channel of its own connection, with
-/// its share of the prefetch.
+/// On shards a queue is consumed by the first shard alone, with the
+/// handler's whole concurrency as prefetch, on the one connection the
+/// shards share (`Broker::read_on_every_shard`).
 #[tokio::test]
 async fn amqp_sigkill_on_shards_loses_nothing() -> Result {
     if !have_binary("rabbitmqctl") {

@@ -226,18 +226,34 @@ impl Broker {
         }
     }
 
-    /// Whether the consumers of `cfg`'s source share its messages, each
-    /// going to one of them, so that every shard may read it. Redis pub/sub
-    /// gives every subscriber every message: one shard reads it. (Core NATS
-    /// subscribes in a queue group; every other source leases.)
-    pub fn shares_messages(&self, cfg: &crate::manifest::SourceConfig) -> bool {
+    /// Whether every shard ([`crate::shard`]) reads `cfg`'s source, each
+    /// with its share of the handler's concurrency; if not, the first shard
+    /// reads it with all of it. Not Redis pub/sub, which gives every
+    /// subscriber every message (core NATS subscribes in a queue group, and
+    /// every other source leases, so a message goes to one shard). Not
+    /// RabbitMQ either: its consumers' acks and deliveries go through the
+    /// connection's own I/O thread (lapin's), so a shard does not keep a
+    /// message on one thread, and two consumers of a queue measured 3–20%
+    /// slower than one (docs/BENCHMARKS.md).
+    pub fn read_on_every_shard(&self, cfg: &crate::manifest::SourceConfig) -> bool {
         match self {
             Broker::Redis(_) => !matches!(
                 redis_kind(cfg.kind),
                 Some(redis::RedisKind::Channel | redis::RedisKind::Pattern)
             ),
-            Broker::Embedded(_) | Broker::Nats(_) | Broker::Amqp(_) => true,
+            Broker::Embedded(_) | Broker::Nats(_) => true,
+            Broker::Amqp(_) => false,
         }
+    }
+
+    /// Whether each shard ([`crate::shard`]) makes a connection of its own
+    /// to this broker, so that the connection is driven on the shard. Not
+    /// RabbitMQ's: lapin drives each connection's socket on a thread of its
+    /// own whatever runtime uses it, so a second connection would add a
+    /// busy thread, not keep anything on one; the shards' sinks share the
+    /// first shard's connection.
+    pub fn connection_per_shard(&self) -> bool {
+        !matches!(self, Broker::Amqp(_))
     }
 
     /// The sink for a handler's outbox. `source_kind` is the kind of the
