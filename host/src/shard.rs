@@ -2,11 +2,14 @@
 //!
 //! With `[host] shards = N` the host starts N threads, each driving its own
 //! current-thread tokio runtime. Each shard gets its own broker connections
-//! ([`crate::app`] makes them on the shard, so their driver tasks run there)
-//! and a share of every handler's concurrency ([`split`]). A message is then
-//! received, handled and acked on one thread: no hand-offs between threads,
-//! no wake-ups across cores, and no lock or cache line bouncing between two
-//! workers over one connection. docs/BENCHMARKS.md measures what that buys.
+//! ([`crate::app`] makes them on the shard, so their driver tasks run there;
+//! not RabbitMQ's, [`crate::broker::Broker::connection_per_shard`]) and a
+//! share of every handler's concurrency ([`split`]), for the sources every
+//! shard reads ([`crate::broker::Broker::read_on_every_shard`]). A message
+//! is then received, handled and acked on one thread: no hand-offs between
+//! threads, no wake-ups across cores, and no lock or cache line bouncing
+//! between two workers over one connection. docs/BENCHMARKS.md measures
+//! what that buys.
 //!
 //! What stays shared: the Wasm engine and its instance pool, the store, the
 //! handler's component (so a reload swaps it for every shard at once), its

@@ -193,11 +193,6 @@ impl Settled {
 }
 
 impl Binding {
-    /// Messages of this handler running at once, over all its lanes.
-    pub fn concurrency(&self) -> usize {
-        self.lanes.iter().map(|l| l.concurrency).sum()
-    }
-
     fn lease(&self) -> Duration {
         lease_for(self.context.limits.timeout)
     }

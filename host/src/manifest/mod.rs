@@ -83,8 +83,9 @@ pub struct HostConfig {
     /// Run the consumers on this many single-threaded shards, each with its
     /// own broker connections and an even share of every handler's
     /// concurrency, so that a message is received, handled and acked on one
-    /// thread ([`crate::shard`]). Default: none; the consumers run on the
-    /// `worker_threads`, which then serve only HTTP, reloads and sweeps.
+    /// thread ([`crate::shard`]). Default: none, and the consumers run on
+    /// the `worker_threads`; with shards those serve only HTTP, reloads and
+    /// sweeps.
     pub shards: Option<u32>,
 }
 
