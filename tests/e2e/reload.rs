@@ -53,14 +53,29 @@ async fn sighup(host: &Host, failed: u64, replaced: u64, unchanged: u64) -> Resu
 /// component's warm instances are retired too.
 #[tokio::test]
 async fn a_component_replaced_under_load_runs_every_message_once() -> Result {
+    replaced_under_load("").await
+}
+
+/// The same on two shards: the component is one for the handler, so one
+/// reload swaps it for both shards' lanes.
+#[tokio::test]
+async fn a_component_replaced_under_load_on_shards_runs_every_message_once() -> Result {
+    replaced_under_load("shards = 2").await
+}
+
+/// `host`: more `[host]` settings (shards).
+async fn replaced_under_load(host: &str) -> Result {
     const MESSAGES: usize = 2000;
     const CONCURRENCY: u64 = 4;
     let dir = tempfile::tempdir()?;
     let component = own_copy(dir.path(), "ok")?;
-    let setup = Setup::new(&manifest(
-        &component,
-        &format!("concurrency = {CONCURRENCY}\ninstance_reuse = 5\n"),
-    ))?;
+    let setup = Setup::with_host(
+        host,
+        &manifest(
+            &component,
+            &format!("concurrency = {CONCURRENCY}\ninstance_reuse = 5\n"),
+        ),
+    )?;
     let host = setup.start().await?;
     let publishers = host.publishing_many("jobs", MESSAGES);
     host.wait_for("some progress", LONG, || async {
