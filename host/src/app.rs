@@ -77,8 +77,8 @@ impl App {
         let runtime = Arc::new(runtime_for(&manifest)?);
 
         let shards = Shards::start(manifest.host.shards)?;
-        let mut brokers = Vec::with_capacity(shards.len());
-        for shard in 0..shards.len() {
+        let mut brokers = Vec::with_capacity(shards.count());
+        for shard in 0..shards.count() {
             // What the first shard made that the others share.
             let shared = brokers
                 .first()
@@ -159,7 +159,7 @@ impl App {
             let mut lanes = Vec::new();
             let mut dead_letter_queue = String::new();
             let readers = if brokers[0][&h.source.broker].read_on_every_shard(&h.source) {
-                shards.len()
+                shards.count()
             } else {
                 1
             };
@@ -249,7 +249,9 @@ impl App {
             }
         }
         for (shard, brokers) in self.brokers.iter().enumerate() {
-            for (name, b) in brokers {
+            // A broker the shards share is the first shard's, probed there.
+            let own = brokers.iter().filter(|(_, b)| shard == 0 || b.connection_per_shard());
+            for (name, b) in own {
                 // On the shard: a connection made by the probe is the one
                 // the shard's consumers use next.
                 let b = b.clone();

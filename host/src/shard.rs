@@ -67,14 +67,9 @@ impl Shards {
         })
     }
 
-    /// How many shards there are.
-    pub fn len(&self) -> usize {
+    /// How many shards there are (at least one).
+    pub fn count(&self) -> usize {
         self.handles.len()
-    }
-
-    /// Never: there is at least one shard.
-    pub fn is_empty(&self) -> bool {
-        self.handles.is_empty()
     }
 
     /// The runtime of shard `i`.
