@@ -13,7 +13,7 @@ use tokio::process::Command;
 use crate::Consumer;
 use crate::measure::{self, Wharf};
 use crate::paths::{self, Path, Target, Urls};
-use crate::suite::{REUSE, median};
+use crate::suite::{REUSE, SHARDS, median};
 
 /// End-to-end latency of one run.
 #[derive(Debug, Clone, Copy)]
@@ -34,40 +34,64 @@ fn now_us() -> u64 {
         .as_micros() as u64
 }
 
-/// Run the producer, the consumer and the reader for `duration`; wharf's
-/// handler has `instance_reuse` (1: a fresh instance per message).
-pub async fn run(
-    component: &std::path::Path,
-    consumer: Consumer,
-    rate: u32,
-    duration: Duration,
-    instance_reuse: u32,
-) -> Result<Latency> {
+/// Who consumes in a latency run: the native forwarder, or wharf with its
+/// handler's `instance_reuse` (1: a fresh instance per message) on a host
+/// with `shards` (`None`: no `[host] shards`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Setup {
+    pub consumer: Consumer,
+    pub instance_reuse: u32,
+    pub shards: Option<u32>,
+}
+
+impl Setup {
+    /// The native forwarder.
+    pub const NATIVE: Setup = Setup {
+        consumer: Consumer::Native,
+        instance_reuse: 1,
+        shards: None,
+    };
+
+    /// wharf with `instance_reuse` on a host with `shards`.
+    pub const fn wharf(instance_reuse: u32, shards: Option<u32>) -> Setup {
+        Setup {
+            consumer: Consumer::Wharf,
+            instance_reuse,
+            shards,
+        }
+    }
+
+    /// Its name in the table.
+    fn name(self) -> String {
+        let mut name = match self.consumer {
+            Consumer::Wharf => "wharf".to_string(),
+            Consumer::Native => "native".into(),
+            Consumer::Peer => "peer".into(),
+        };
+        if self.consumer == Consumer::Wharf && self.instance_reuse > 1 {
+            name += &format!(", `instance_reuse = {}`", self.instance_reuse);
+        }
+        if let (Consumer::Wharf, Some(n)) = (self.consumer, self.shards) {
+            name += &format!(", `shards = {n}`");
+        }
+        name
+    }
+}
+
+/// Run the producer, the consumer and the reader for `duration`.
+pub async fn run(component: &std::path::Path, who: Setup, rate: u32, duration: Duration) -> Result<Latency> {
     let urls = Urls::from_env();
     let run = format!("lat{:x}{}", std::process::id(), now_us() % 1_000_000);
     let t = Target::new(Path::RedisStream, &run);
     let out = format!("{}.out", t.subject);
-    let who = Who {
-        component,
-        consumer,
-        instance_reuse,
-    };
-    let result = measure_run(&who, rate, duration, &t, &out, &urls).await;
+    let result = measure_run(component, who, rate, duration, &t, &out, &urls).await;
     paths::clean(&t, &urls).await?;
     result
 }
 
-/// The consumer under test.
-#[derive(Clone, Copy)]
-struct Who<'a> {
-    component: &'a std::path::Path,
-    consumer: Consumer,
-    /// wharf's `instance_reuse`.
-    instance_reuse: u32,
-}
-
 async fn measure_run(
-    who: &Who<'_>,
+    component: &std::path::Path,
+    who: Setup,
     rate: u32,
     duration: Duration,
     t: &Target,
@@ -89,11 +113,11 @@ async fn measure_run(
     let _dir;
     let mut wharf = None;
     let mut child = None;
-    let Who {
-        component,
+    let Setup {
         consumer,
         instance_reuse,
-    } = *who;
+        shards,
+    } = who;
     match consumer {
         Consumer::Wharf => {
             let dir = tempfile::tempdir()?;
@@ -102,9 +126,10 @@ async fn measure_run(
             let extra = format!(
                 "publish = [\"bench.>\"]\ninstance_reuse = {instance_reuse}\nconfig = {{ forward_to = {out:?} }}\n"
             );
+            let host = shards.map_or_else(String::new, |n| format!("shards = {n}\n"));
             std::fs::write(
                 &manifest,
-                crate::suite::wharf_manifest(component, t, urls, &data, 100, "", &extra),
+                crate::suite::wharf_manifest(component, t, urls, &data, 100, &host, &extra),
             )?;
             wharf = Some(Wharf::start(&measure::wharf_binary()?, &manifest, &data).await?);
             _dir = dir;
@@ -274,17 +299,15 @@ pub async fn native_forwarder(t: &Target, urls: &Urls, out: &str, batch: usize) 
 }
 
 /// The consumers each round of [`table`] runs, in turn: the native
-/// forwarder, wharf in its default mode and wharf in its fastest one.
-const CONSUMERS: [(Consumer, u32); 3] = [(Consumer::Native, 1), (Consumer::Wharf, 1), (Consumer::Wharf, REUSE)];
-
-fn consumer_name((consumer, reuse): (Consumer, u32)) -> String {
-    match consumer {
-        Consumer::Wharf if reuse > 1 => format!("wharf, `instance_reuse = {reuse}`"),
-        Consumer::Wharf => "wharf".into(),
-        Consumer::Native => "native".into(),
-        Consumer::Peer => "peer".into(),
-    }
-}
+/// forwarder, then wharf in its default mode and in its fastest one, each
+/// on the shared threads and on `shards = SHARDS`.
+const CONSUMERS: [Setup; 5] = [
+    Setup::NATIVE,
+    Setup::wharf(1, None),
+    Setup::wharf(REUSE, None),
+    Setup::wharf(1, Some(SHARDS)),
+    Setup::wharf(REUSE, Some(SHARDS)),
+];
 
 /// One consumer's runs at one rate, a round each.
 type Runs = Vec<Result<Latency, String>>;
@@ -303,8 +326,8 @@ fn added(runs: &Runs, native: &Runs, f: impl Fn(&Latency) -> f64) -> Option<f64>
 
 /// One row of the table: the medians of a consumer's rounds at one rate,
 /// and (for wharf) the medians of its rounds' differences to native's.
-fn row(rate: u32, who: (Consumer, u32), runs: &Runs, native: &Runs) -> String {
-    let name = consumer_name(who);
+fn row(rate: u32, who: Setup, runs: &Runs, native: &Runs) -> String {
+    let name = who.name();
     let ok: Vec<&Latency> = runs.iter().filter_map(|r| r.as_ref().ok()).collect();
     if ok.is_empty() {
         let e = runs
@@ -319,7 +342,7 @@ fn row(rate: u32, who: (Consumer, u32), runs: &Runs, native: &Runs) -> String {
     // Some: `ok` is not empty.
     let median_of = |f: fn(&Latency) -> f64| median(ok.iter().map(|l| f(l)).collect()).unwrap_or_default();
     let failed = runs.len() - ok.len();
-    let show_added = |f: fn(&Latency) -> f64| match (who.0, added(runs, native, f)) {
+    let show_added = |f: fn(&Latency) -> f64| match (who.consumer, added(runs, native, f)) {
         (Consumer::Wharf, Some(d)) => format!("{d:+.0}"),
         _ => String::new(),
     };
@@ -357,7 +380,7 @@ pub async fn table(
     let mut rates = vec![if smoke { 1000 } else { 5000 }];
     if let Some(offered) = saturating.filter(|_| !smoke) {
         let offered = offered as u32;
-        match run(component, Consumer::Native, offered, Duration::from_secs(4), 1).await {
+        match run(component, Setup::NATIVE, offered, Duration::from_secs(4)).await {
             Ok(l) => {
                 eprintln!(
                     "latency: native pipeline at {offered} msg/s offered: {:.0} msg/s out",
@@ -383,15 +406,12 @@ pub async fn table(
         }
     }
     // runs[rate][consumer]: a run per round.
-    let mut runs: Vec<[Runs; 3]> = rates.iter().map(|_| Default::default()).collect();
+    let mut runs: Vec<[Runs; CONSUMERS.len()]> = rates.iter().map(|_| Default::default()).collect();
     for round in 1..=rounds {
         for (&rate, at_rate) in rates.iter().zip(&mut runs) {
-            for (&(consumer, reuse), cell) in CONSUMERS.iter().zip(at_rate.iter_mut()) {
-                let r = run(component, consumer, rate, seconds, reuse).await;
-                let what = format!(
-                    "round {round}: latency {rate} msg/s {}",
-                    consumer_name((consumer, reuse))
-                );
+            for (&who, cell) in CONSUMERS.iter().zip(at_rate.iter_mut()) {
+                let r = run(component, who, rate, seconds).await;
+                let what = format!("round {round}: latency {rate} msg/s {}", who.name());
                 match &r {
                     Ok(l) => eprintln!(
                         "{what}: p50 {:.0} µs, p99 {:.0} µs, {:.0} msg/s out",
@@ -457,7 +477,7 @@ mod tests {
         let wharf = vec![ran(520.0, 950.0), ran(490.0, 2_300.0), ran(480.0, 750.0)];
         assert_eq!(added(&wharf, &native, |l| l.p99_us), Some(50.0));
         assert_eq!(added(&wharf, &native, |l| l.p50_us), Some(10.0));
-        let row = row(5000, (Consumer::Wharf, 1), &wharf, &native);
+        let row = row(5000, Setup::wharf(1, None), &wharf, &native);
         assert_eq!(row, "| 5000 | wharf | 490 | 950 | 5000 | +10 | +50 |");
     }
 
@@ -467,17 +487,28 @@ mod tests {
         let wharf = vec![ran(520.0, 950.0), ran(490.0, 2_300.0), Err("no".into())];
         assert_eq!(added(&wharf, &native, |l| l.p99_us), Some(50.0));
         assert_eq!(
-            row(5000, (Consumer::Wharf, REUSE), &wharf, &native),
+            row(5000, Setup::wharf(REUSE, None), &wharf, &native),
             "| 5000 | wharf, `instance_reuse = 1000` (1 round(s) failed) | 520 | 2300 | 5000 | +20 | +50 |"
         );
         assert_eq!(
-            row(5000, (Consumer::Native, 1), &native, &native),
+            row(5000, Setup::NATIVE, &native, &native),
             "| 5000 | native (1 round(s) failed) | 500 | 900 | 5000 |  |  |"
         );
         let failed = vec![Err("broker down\nmore".to_string())];
         assert_eq!(
-            row(5000, (Consumer::Native, 1), &failed, &failed),
+            row(5000, Setup::NATIVE, &failed, &failed),
             "| 5000 | native | error: broker down | | | | |"
+        );
+    }
+
+    #[test]
+    fn a_setup_is_named_by_what_it_sets() {
+        assert_eq!(Setup::NATIVE.name(), "native");
+        assert_eq!(Setup::wharf(1, None).name(), "wharf");
+        assert_eq!(Setup::wharf(1, Some(2)).name(), "wharf, `shards = 2`");
+        assert_eq!(
+            Setup::wharf(1000, Some(2)).name(),
+            "wharf, `instance_reuse = 1000`, `shards = 2`"
         );
     }
 }

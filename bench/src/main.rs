@@ -15,8 +15,9 @@
 //! - `latency`: an open-loop producer at a fixed rate through a forwarding
 //!   consumer; end-to-end p50/p99.
 //! - `latency-table`: the suite's latency part on its own: native and wharf
-//!   (default and `instance_reuse`) in alternating rounds, at 5 000 msg/s
-//!   and at half the native pipeline's maximum.
+//!   (default and `instance_reuse`, each also on `shards = 2`) in
+//!   alternating rounds, at 5 000 msg/s and at half the native pipeline's
+//!   maximum.
 //! - `suite`: all of it, one table.
 
 /// The allocator the `wharf` binary uses, so that the in-process Wasm cost
@@ -146,10 +147,14 @@ enum Command {
         /// wharf only: the handler's `instance_reuse` (1: an instance per message).
         #[arg(long, default_value_t = 1)]
         instance_reuse: u32,
+        /// wharf only: the host's `shards` (unset: none).
+        #[arg(long)]
+        shards: Option<u32>,
     },
     /// The suite's latency table on its own: native, wharf and wharf with
-    /// `instance_reuse` in alternating rounds, at 5 000 msg/s and at half
-    /// the native pipeline's maximum (found by a native drain first).
+    /// `instance_reuse`, each also on `shards = 2`, in alternating rounds,
+    /// at 5 000 msg/s and at half the native pipeline's maximum (found by a
+    /// native drain first).
     LatencyTable {
         /// 1 000 msg/s for 1 s only, as in the suite's smoke run.
         #[arg(long)]
@@ -359,18 +364,21 @@ async fn main() -> Result<()> {
             rate,
             seconds,
             instance_reuse,
+            shards,
         } => {
-            let l = latency::run(
-                &component?,
+            let who = latency::Setup {
                 consumer,
-                rate,
-                Duration::from_secs(seconds),
                 instance_reuse,
-            )
-            .await?;
+                shards,
+            };
+            let l = latency::run(&component?, who, rate, Duration::from_secs(seconds)).await?;
             println!(
-                "latency redis-stream {consumer:?} rate={rate}/s instance_reuse={instance_reuse}: p50 {:.0} µs, p99 {:.0} µs ({} messages, {:.0} msg/s out)",
-                l.p50_us, l.p99_us, l.messages, l.delivered_per_s
+                "latency redis-stream {consumer:?} rate={rate}/s instance_reuse={instance_reuse} shards={}: p50 {:.0} µs, p99 {:.0} µs ({} messages, {:.0} msg/s out)",
+                shards.map_or_else(|| "none".into(), |n| n.to_string()),
+                l.p50_us,
+                l.p99_us,
+                l.messages,
+                l.delivered_per_s
             );
             Ok(())
         }
