@@ -232,6 +232,13 @@ pub async fn run_binding(binding: Arc<Binding>, lane: usize, runtime: Arc<Runtim
     let settling = Arc::new(Semaphore::new(this.concurrency));
     let mut in_flight = JoinSet::new();
     let mut receive_errors = 0u32;
+    // The recorder must exist before a handle is taken ([`BindingMetrics`]).
+    crate::telemetry::prometheus();
+    let received_total = metrics::counter!(
+        "wharf_received_total",
+        "handler" => binding.name.clone(),
+        "shard" => this.shard.to_string()
+    );
     // Whether the source was stopped already (with a receive under way).
     let stopped = loop {
         while in_flight.try_join_next().is_some() {}
@@ -251,6 +258,7 @@ pub async fn run_binding(binding: Arc<Binding>, lane: usize, runtime: Arc<Runtim
         let deliveries = match received {
             Ok(d) => {
                 receive_errors = 0;
+                received_total.increment(d.len() as u64);
                 d
             }
             Err(e) => {
