@@ -308,6 +308,8 @@ async fn load_then_disrupt(disrupt: &str, host: &str) -> Result {
         Ok(host.outcome_count("count", "acked").await? >= 150)
     })
     .await?;
+    // On shards too, the first shard alone reads the queue.
+    host.wait_every_shard_received("count", 1).await?;
     let host = if disrupt == "kill" {
         host.kill()?;
         assert!(

@@ -436,6 +436,45 @@ impl Host {
             .unwrap_or(0))
     }
 
+    /// `wharf_received_total{handler,shard}` for `handler`: what each
+    /// shard's consumer loop took from the broker, by shard.
+    pub async fn received_by_shard(&self, handler: &str) -> Result<std::collections::BTreeMap<usize, u64>> {
+        let text = self.metrics().await?;
+        let handler = format!("handler=\"{handler}\"");
+        let mut by_shard = std::collections::BTreeMap::new();
+        for line in text.lines().filter(|l| l.starts_with("wharf_received_total{")) {
+            let Some((labels, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            if !labels.split(['{', ',', '}']).any(|l| l == handler) {
+                continue;
+            }
+            let shard = labels
+                .split(['{', ',', '}'])
+                .find_map(|l| l.strip_prefix("shard=\"")?.strip_suffix('"')?.parse().ok())
+                .ok_or_else(|| anyhow::anyhow!("no shard label in {line:?}"))?;
+            by_shard.insert(shard, value.trim().parse()?);
+        }
+        Ok(by_shard)
+    }
+
+    /// Wait until each of the first `readers` shards has taken messages of
+    /// `handler` from the broker; then no other shard may have a count.
+    /// This is what proves that a test on shards ran on them.
+    pub async fn wait_every_shard_received(&self, handler: &str, readers: usize) -> Result {
+        self.wait_for(&format!("{readers} shard(s) receiving for {handler}"), LONG, || async {
+            let by_shard = self.received_by_shard(handler).await?;
+            Ok((0..readers).all(|shard| by_shard.get(&shard).is_some_and(|&n| n > 0)))
+        })
+        .await?;
+        let by_shard = self.received_by_shard(handler).await?;
+        anyhow::ensure!(
+            by_shard.keys().all(|&shard| shard < readers),
+            "{handler}: shards beyond the first {readers} received: {by_shard:?}"
+        );
+        Ok(())
+    }
+
     /// The exit code, if the host has exited.
     pub fn exited(&mut self) -> Result<Option<i32>> {
         Ok(self.child.try_wait()?.map(|s| s.code().unwrap_or(-1)))
@@ -585,4 +624,14 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+/// The shards a `[host]` settings fragment (`"shards = 2"`, or `""`) asks
+/// for: 1 without `shards`, as the host runs then.
+pub fn shards_in(host: &str) -> usize {
+    let settings: toml::Table = toml::from_str(host).expect("a [host] settings fragment");
+    settings
+        .get("shards")
+        .and_then(toml::Value::as_integer)
+        .map_or(1, |n| usize::try_from(n).expect("shards is positive"))
 }

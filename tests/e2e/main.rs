@@ -413,12 +413,14 @@ async fn sigkill_mid_load(host: &str) -> Result {
             &format!("concurrency = {CONCURRENCY}\ntimeout_ms = 1000\n[handlers.count.dedup]\nttl_secs = 3600\n"),
         ),
     )?;
+    let shards = shards_in(host);
     let host = setup.start().await?;
     host.publish_many("jobs", MESSAGES).await?;
     host.wait_for("some progress", LONG, || async {
         Ok(host.outcome_count("count", "acked").await? >= 200)
     })
     .await?;
+    host.wait_every_shard_received("count", shards).await?;
     host.kill()?;
     let left: u64 = setup.open()?.stats().iter().map(|s| s.ready + s.pending).sum();
     assert!(

@@ -136,6 +136,10 @@ async fn two_hosts_share_a_queue_group(host: &str) -> Result {
         h2.outcome_count("fwd", "acked").await?,
     );
     assert!(a > 1 && b > 1, "both hosts should share the work: {a} and {b}");
+    // Every shard of each host is a member: 300 messages over four reach
+    // each of them (a member missing all has odds of (3/4)^300).
+    h1.wait_every_shard_received("fwd", shards_in(host)).await?;
+    h2.wait_every_shard_received("fwd", shards_in(host)).await?;
     assert_eq!(h1.terminate()?, 0);
     assert_eq!(h2.terminate()?, 0);
     Ok(())
@@ -438,12 +442,14 @@ async fn jetstream_sigkill_mid_load(host: &str) -> Result {
         ),
     );
     let setup = Setup::with_host(host, &manifest)?;
+    let shards = shards_in(host);
     let host = setup.start().await?;
     publish_backlog(&js, &format!("{p}.js.a"), "m", MESSAGES).await?;
     host.wait_for("some progress", LONG, || async {
         Ok(host.outcome_count("count", "acked").await? >= 200)
     })
     .await?;
+    host.wait_every_shard_received("count", shards).await?;
     host.kill()?;
     let done = setup.open()?.handled((0..MESSAGES).map(|i| format!("m{i}")));
     assert!(

@@ -398,6 +398,8 @@ async fn redis_pubsub_on_shards_is_read_by_one_shard() -> Result {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(host.outcome_count("count", "acked").await?, MESSAGES);
     assert_eq!(subscribers(&mut c, &channel).await?, 1);
+    // The first shard took them all; the second has no consumer loop.
+    assert_eq!(host.received_by_shard("count").await?, BTreeMap::from([(0, MESSAGES)]));
     assert_eq!(host.terminate()?, 0);
     Ok(())
 }
@@ -481,12 +483,14 @@ async fn sigkill_mid_load(kind: &str, dedup: bool, host: &str) -> Result {
         )
     );
     let setup = Setup::with_host(host, &manifest)?;
+    let shards = shards_in(host);
     preload(&mut c, &key, kind == "list", &p, MESSAGES).await?;
     let host = setup.start().await?;
     host.wait_for("some progress", LONG, || async {
         Ok(host.outcome_count("count", "acked").await? >= 200)
     })
     .await?;
+    host.wait_every_shard_received("count", shards).await?;
     host.kill()?;
     let acked_before = setup.open()?.handled((0..MESSAGES).map(|i| format!("{p}m{i}"))) as u64;
     assert!(
@@ -576,6 +580,11 @@ async fn redis_shards_read_as_consumers_of_their_own() -> Result {
             .lines()
             .any(|l| l.contains("wharf running") && l.contains("shards=2"))
     );
+    // Each shard took its part of the backlog, and nothing twice.
+    let by_shard = host.received_by_shard("count").await?;
+    assert_eq!(by_shard.keys().copied().collect::<Vec<_>>(), [0, 1], "{by_shard:?}");
+    assert!(by_shard.values().all(|&n| n > 0), "{by_shard:?}");
+    assert_eq!(by_shard.values().sum::<u64>(), MESSAGES as u64, "{by_shard:?}");
     assert_eq!(host.terminate()?, 0);
 
     // XINFO CONSUMERS: one consumer per shard.

@@ -76,12 +76,14 @@ async fn replaced_under_load(host: &str) -> Result {
             &format!("concurrency = {CONCURRENCY}\ninstance_reuse = 5\n"),
         ),
     )?;
+    let shards = shards_in(host);
     let host = setup.start().await?;
     let publishers = host.publishing_many("jobs", MESSAGES);
     host.wait_for("some progress", LONG, || async {
         Ok(host.outcome_count("h", "acked").await? >= 50)
     })
     .await?;
+    host.wait_every_shard_received("h", shards).await?;
     replace(&component, &std::fs::read(program("reloaded"))?)?;
     host.wait_for("the reload", LONG, || async {
         Ok(reloads(&host, "replaced").await? == 1)
