@@ -154,8 +154,8 @@ impl App {
                 .and_then(|t| t.broker.clone())
                 .unwrap_or_else(|| h.source.broker.clone());
             let retry = RetryPolicy::from(&h.retry);
-            let reclaim_after = delivery::lease_for(Duration::from_millis(h.timeout_ms)) + retry.max_delay;
             let lease = delivery::lease_for(Duration::from_millis(h.timeout_ms));
+            let reclaim_after = lease + retry.max_delay;
             let mut lanes = Vec::new();
             let mut dead_letter_queue = String::new();
             let readers = if brokers[0][&h.source.broker].read_on_every_shard(&h.source) {

@@ -109,10 +109,13 @@ pub struct BindingMetrics {
     messages: Vec<metrics::Counter>,
     /// By [`FailureKind`], in [`FailureKind::ALL`] order.
     failures: Vec<metrics::Counter>,
+    /// Deliveries each lane took from the broker, in lane order, labelled
+    /// by the lane's shard.
+    received: Vec<metrics::Counter>,
 }
 
 impl BindingMetrics {
-    fn new(handler: &str) -> Self {
+    fn new(handler: &str, lanes: &[Lane]) -> Self {
         // The recorder must exist before a handle is taken, or the handle
         // counts into nothing.
         crate::telemetry::prometheus();
@@ -126,6 +129,10 @@ impl BindingMetrics {
             failures: FailureKind::ALL
                 .iter()
                 .map(|k| metrics::counter!("wharf_failures_total", "handler" => name.clone(), "reason" => k.as_str()))
+                .collect(),
+            received: lanes
+                .iter()
+                .map(|l| metrics::counter!("wharf_received_total", "handler" => name.clone(), "shard" => l.shard.to_string()))
                 .collect(),
         }
     }
@@ -198,7 +205,8 @@ impl Binding {
     }
 
     fn metrics(&self) -> &BindingMetrics {
-        self.metrics.get_or_init(|| BindingMetrics::new(&self.name))
+        self.metrics
+            .get_or_init(|| BindingMetrics::new(&self.name, &self.lanes))
     }
 
     fn count_failure(&self, kind: FailureKind) {
@@ -232,13 +240,7 @@ pub async fn run_binding(binding: Arc<Binding>, lane: usize, runtime: Arc<Runtim
     let settling = Arc::new(Semaphore::new(this.concurrency));
     let mut in_flight = JoinSet::new();
     let mut receive_errors = 0u32;
-    // The recorder must exist before a handle is taken ([`BindingMetrics`]).
-    crate::telemetry::prometheus();
-    let received_total = metrics::counter!(
-        "wharf_received_total",
-        "handler" => binding.name.clone(),
-        "shard" => this.shard.to_string()
-    );
+    let received_total = &binding.metrics().received[lane];
     // Whether the source was stopped already (with a receive under way).
     let stopped = loop {
         while in_flight.try_join_next().is_some() {}
