@@ -342,7 +342,7 @@ async fn main() -> Result<()> {
         Command::Drain(args) => {
             let sample = suite::drain(&component?, &args).await?;
             println!(
-                "drain {} {:?} messages={} payload={}B concurrency={} dedup={} instance_reuse={} worker_threads={} shards={}: {:.0} msg/s, CPU {:.1} µs/msg, peak RSS {:.1} MiB, broker {}",
+                "drain {} {:?} messages={} payload={}B concurrency={} dedup={} instance_reuse={} worker_threads={} shards={}: {sample}",
                 args.path.name(),
                 args.consumer,
                 args.messages,
@@ -352,10 +352,6 @@ async fn main() -> Result<()> {
                 args.instance_reuse,
                 args.worker_threads.map_or_else(|| "default".into(), |n| n.to_string()),
                 args.shards.map_or_else(|| "none".into(), |n| n.to_string()),
-                sample.rate(),
-                sample.cpu_us_per_msg(),
-                sample.peak_rss_mib(),
-                suite::broker_note(&sample)
             );
             Ok(())
         }

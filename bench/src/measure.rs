@@ -53,8 +53,37 @@ impl Sample {
         self.peak_rss_kib as f64 / 1024.0
     }
 
+    /// The broker's CPU per message, as a run's log says it.
+    pub fn broker_note(&self) -> String {
+        self.broker_us_per_msg()
+            .map_or_else(|| "CPU not measured".into(), |b| format!("{b:.1} µs CPU/msg"))
+    }
+
     pub fn broker_us_per_msg(&self) -> Option<f64> {
         Some(self.broker_cpu? * 1e6 / self.messages.max(1) as f64)
+    }
+}
+
+/// A run's figures, as its log line says them. A window that held no
+/// message (a smoke drain over before the first look at it) has no rate to
+/// give, and says so rather than 0 msg/s.
+impl std::fmt::Display for Sample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.messages == 0 {
+            return write!(
+                f,
+                "drained before the first look (too few messages to time), peak RSS {:.1} MiB",
+                self.peak_rss_mib()
+            );
+        }
+        write!(
+            f,
+            "{:.0} msg/s, CPU {:.1} µs/msg, peak RSS {:.1} MiB, broker {}",
+            self.rate(),
+            self.cpu_us_per_msg(),
+            self.peak_rss_mib(),
+            self.broker_note()
+        )
     }
 }
 
@@ -282,6 +311,29 @@ where
     }
 }
 
+/// The longest wait between two looks at wharf's progress.
+const LOOK_AT_MOST: Duration = Duration::from_millis(100);
+
+/// How long after `now` to look at wharf's progress again, in a drain of
+/// `n` that began at `start`: a quarter of the time the rate so far says is
+/// left, between [`SAMPLE_EVERY`] and [`LOOK_AT_MOST`].
+///
+/// Why not every [`SAMPLE_EVERY`]: each look renders wharf's whole
+/// `/metrics`, which cost wharf 1–2% of its CPU in a drain looked at every
+/// 10 ms (the native consumers and the peers print a line on stdout
+/// instead). Why a quarter: the window ends at the first look that sees
+/// all `n`, so a look that comes late lengthens it; a drain would have to
+/// speed up fourfold to finish before this look, and near the end the
+/// looks come every [`SAMPLE_EVERY`] again, as before.
+fn next_look(start: &Mark, now: &Mark, n: usize) -> Duration {
+    let (done, took) = (now.handled.saturating_sub(start.handled), now.at - start.at);
+    if done == 0 || took.is_zero() {
+        return SAMPLE_EVERY;
+    }
+    let left = took.mul_f64(n.saturating_sub(now.handled) as f64 / done as f64);
+    (left / 4).clamp(SAMPLE_EVERY, LOOK_AT_MOST)
+}
+
 /// A running `wharf run <manifest>`.
 pub struct Wharf {
     child: Child,
@@ -360,16 +412,26 @@ impl Wharf {
         Ok(total as usize)
     }
 
-    /// Poll until `n` messages are handled; the window runs from now (wharf
-    /// is ready: it starts consuming at once) to the poll that sees all.
+    /// Look until `n` messages are handled; the window runs from now (wharf
+    /// is ready: it starts consuming at once) to the look that sees all.
+    /// The CPU is sampled every [`SAMPLE_EVERY`]; progress is looked at as
+    /// [`next_look`] says.
     pub async fn drain(&mut self, n: usize, lossy: bool, broker: Option<&BrokerCpu>) -> Result<Sample> {
         let mut meter = CpuMeter::new(self.pid);
         let start = Mark::now(self.handled().await?, &mut meter, broker)?;
         let mut last_progress = start;
+        let mut look_at = start.at + SAMPLE_EVERY;
         let stall = if lossy { CORE_STALL } else { STALL };
         loop {
             if let Some(status) = self.child.try_wait()? {
                 bail!("wharf exited ({status}) during the run");
+            }
+            if Instant::now() < look_at {
+                // The process may be gone already; the next look reads it
+                // for real.
+                let _ = meter.sample();
+                tokio::time::sleep(SAMPLE_EVERY).await;
+                continue;
             }
             let handled = self.handled().await?;
             let mark = Mark::now(handled, &mut meter, broker)?;
@@ -379,6 +441,14 @@ impl Wharf {
             if handled >= n {
                 return Ok(window(start, mark, &meter));
             }
+            // A lossy drain may stop short of `n`, and its window ends at
+            // the last look that saw progress: keep that one sharp.
+            let gap = if lossy {
+                SAMPLE_EVERY
+            } else {
+                next_look(&start, &mark, n)
+            };
+            look_at = mark.at + gap;
             if last_progress.at.elapsed() > stall {
                 if lossy {
                     // At-most-once: what was dropped stays dropped. The
@@ -514,6 +584,47 @@ mod tests {
             .and_then(|v| v.parse::<u64>().ok())
             .expect("run time") as f64
             / 1e9
+    }
+
+    fn mark(at: Instant, handled: usize) -> Mark {
+        Mark {
+            at,
+            handled,
+            cpu: 0.0,
+            broker: None,
+        }
+    }
+
+    /// Looks at wharf's progress come a quarter of the time left apart,
+    /// no sooner than a CPU sample's interval and no later than the cap.
+    #[test]
+    fn looks_come_a_quarter_of_the_time_left_apart() {
+        let t = Instant::now();
+        let start = mark(t, 0);
+        let n = 100_000;
+        // 10 000 in 100 ms: 900 ms left, so look again in 225 ms, capped.
+        assert_eq!(
+            next_look(&start, &mark(t + Duration::from_millis(100), 10_000), n),
+            LOOK_AT_MOST
+        );
+        // 80 000 in 800 ms: 200 ms left, so 50 ms.
+        assert_eq!(
+            next_look(&start, &mark(t + Duration::from_millis(800), 80_000), n),
+            Duration::from_millis(50)
+        );
+        // 99 000 in 990 ms: 10 ms left, so no sooner than a sample.
+        assert_eq!(
+            next_look(&start, &mark(t + Duration::from_millis(990), 99_000), n),
+            SAMPLE_EVERY
+        );
+        // No progress yet: nothing to go by.
+        assert_eq!(next_look(&start, &mark(t + Duration::from_secs(1), 0), n), SAMPLE_EVERY);
+        // A window that began with some already handled counts from there.
+        let begun = mark(t, 50_000);
+        assert_eq!(
+            next_look(&begun, &mark(t + Duration::from_millis(400), 90_000), n),
+            Duration::from_millis(25)
+        );
     }
 
     #[test]

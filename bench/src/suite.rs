@@ -312,25 +312,13 @@ async fn drain_logged(component: &FsPath, a: &DrainArgs, label: &str, log: &mut 
         a.shards.map_or_else(String::new, |n| format!(" {n} shard(s)")),
     );
     match &r {
-        Ok(s) => eprintln!(
-            "{what}: {:.0} msg/s, {:.1} µs CPU/msg, peak RSS {:.1} MiB, broker {}{placement}",
-            s.rate(),
-            s.cpu_us_per_msg(),
-            s.peak_rss_mib(),
-            broker_note(s)
-        ),
+        Ok(s) => eprintln!("{what}: {s}{placement}"),
         Err(e) => {
             log.failures += 1;
             eprintln!("{what}: FAILED: {e}");
         }
     }
     r
-}
-
-/// The broker's CPU per message, as a run's log says it.
-pub fn broker_note(s: &Sample) -> String {
-    s.broker_us_per_msg()
-        .map_or_else(|| "CPU not measured".into(), |b| format!("{b:.1} µs CPU/msg"))
 }
 
 /// The peer's name as a cell's prefix ("" where there is none).
@@ -360,6 +348,12 @@ fn show_broker(c: &Cell) -> String {
     show_median(c, Sample::broker_us_per_msg)
 }
 
+/// A round's rate, if it worked and its window held messages (a smoke
+/// drain can be over before the first look at it).
+fn timed(r: &Result<Sample, String>) -> Option<f64> {
+    r.as_ref().ok().filter(|s| s.messages > 0).map(Sample::rate)
+}
+
 /// The median of the rounds' own ratios: a round's drains run back to back,
 /// so each ratio compares drains a minute or two apart, and one disturbed
 /// drain moves no median.
@@ -367,7 +361,7 @@ fn ratio(a: &Cell, b: &Cell) -> String {
     let ratios = a
         .iter()
         .zip(b)
-        .filter_map(|(a, b)| Some(a.as_ref().ok()?.rate() / b.as_ref().ok()?.rate()))
+        .filter_map(|(a, b)| Some(timed(a)? / timed(b)?))
         .collect();
     median(ratios).map_or_else(|| "—".into(), |r| format!("{r:.2}"))
 }
@@ -695,7 +689,7 @@ mod tests {
         let cell = vec![drained(100.0), unmeasured.clone(), Err("x".into()), more.clone(), more];
         assert_eq!(show_broker(&cell), "50");
         assert_eq!(show_broker(&vec![unmeasured]), "—");
-        assert_eq!(broker_note(&drained(1.0).expect("a sample")), "20.0 µs CPU/msg");
+        assert_eq!(drained(1.0).expect("a sample").broker_note(), "20.0 µs CPU/msg");
     }
 
     #[test]
@@ -709,5 +703,28 @@ mod tests {
         let a = vec![drained(100.0), Err("x".into()), drained(300.0)];
         assert_eq!(ratio(&a, &b), "0.60");
         assert_eq!(ratio(&a, &Vec::new()), "—");
+        // So does a round over before the first look (no rate, not 0).
+        let untimed = Ok(Sample {
+            messages: 0,
+            ..drained(1.0).expect("a sample")
+        });
+        let a = vec![drained(100.0), untimed.clone(), drained(300.0)];
+        assert_eq!(ratio(&a, &b), "0.60");
+        assert_eq!(ratio(&b, &a), "2.00");
+        assert_eq!(ratio(&vec![untimed], &b), "—");
+    }
+
+    #[test]
+    fn a_log_line_gives_the_figures_or_says_the_window_was_empty() {
+        let s = drained(100.0).expect("a sample");
+        assert_eq!(
+            s.to_string(),
+            "100 msg/s, CPU 10.0 µs/msg, peak RSS 0.0 MiB, broker 20.0 µs CPU/msg"
+        );
+        let untimed = Sample { messages: 0, ..s };
+        assert_eq!(
+            untimed.to_string(),
+            "drained before the first look (too few messages to time), peak RSS 0.0 MiB"
+        );
     }
 }
