@@ -87,7 +87,8 @@ impl std::fmt::Display for Sample {
     }
 }
 
-/// How often a run's CPU is sampled (and wharf's progress polled).
+/// How often a run's CPU is sampled (and, near the end of a drain, wharf's
+/// progress looked at: [`next_look`]).
 const SAMPLE_EVERY: Duration = Duration::from_millis(10);
 
 /// CPU seconds used so far by a process: the sum of its threads'
