@@ -64,14 +64,15 @@ impl Setup {
     /// Its name in the table.
     fn name(self) -> String {
         let mut name = match self.consumer {
-            Consumer::Wharf => "wharf".to_string(),
-            Consumer::Native => "native".into(),
-            Consumer::Peer => "peer".into(),
-        };
-        if self.consumer == Consumer::Wharf && self.instance_reuse > 1 {
+            Consumer::Wharf => "wharf",
+            Consumer::Native => return "native".into(),
+            Consumer::Peer => return "peer".into(),
+        }
+        .to_string();
+        if self.instance_reuse > 1 {
             name += &format!(", `instance_reuse = {}`", self.instance_reuse);
         }
-        if let (Consumer::Wharf, Some(n)) = (self.consumer, self.shards) {
+        if let Some(n) = self.shards {
             name += &format!(", `shards = {n}`");
         }
         name

@@ -437,23 +437,18 @@ impl Host {
     }
 
     /// `wharf_received_total{handler,shard}` for `handler`: what each
-    /// shard's consumer loop took from the broker, by shard.
+    /// shard's consumer loop took from the broker, by shard. Labels as the
+    /// exposition writes them, in the order the host gives them (as
+    /// [`Host::counter`] reads them).
     pub async fn received_by_shard(&self, handler: &str) -> Result<std::collections::BTreeMap<usize, u64>> {
         let text = self.metrics().await?;
-        let handler = format!("handler=\"{handler}\"");
+        let prefix = format!("wharf_received_total{{handler=\"{handler}\",shard=\"");
         let mut by_shard = std::collections::BTreeMap::new();
-        for line in text.lines().filter(|l| l.starts_with("wharf_received_total{")) {
-            let Some((labels, value)) = line.rsplit_once(' ') else {
-                continue;
-            };
-            if !labels.split(['{', ',', '}']).any(|l| l == handler) {
-                continue;
-            }
-            let shard = labels
-                .split(['{', ',', '}'])
-                .find_map(|l| l.strip_prefix("shard=\"")?.strip_suffix('"')?.parse().ok())
-                .ok_or_else(|| anyhow::anyhow!("no shard label in {line:?}"))?;
-            by_shard.insert(shard, value.trim().parse()?);
+        for line in text.lines().filter(|l| l.starts_with(&prefix)) {
+            let (shard, value) = line[prefix.len()..]
+                .split_once("\"} ")
+                .ok_or_else(|| anyhow::anyhow!("unexpected labels in {line:?}"))?;
+            by_shard.insert(shard.parse()?, value.trim().parse()?);
         }
         Ok(by_shard)
     }
