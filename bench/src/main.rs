@@ -8,6 +8,8 @@
 //!   on or off.
 //! - `engine-cost`: the delivery engine in process on a backlog held in
 //!   memory (no broker): the host's own per-message cost around the call.
+//! - `source-cost`: wharf's JetStream source in process, without the engine
+//!   or the Wasm call, against the native consumer: the broker side's cost.
 //! - `drain`: preload a backlog on one broker path, start one consumer
 //!   process (wharf, the native Rust consumer or the Node.js peer), time the
 //!   drain from its first message to its last; msg/s, the consumer's CPU
@@ -29,6 +31,7 @@ pub mod engine;
 mod latency;
 mod measure;
 mod paths;
+mod source;
 mod suite;
 
 use std::path::PathBuf;
@@ -133,6 +136,21 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         reuse: u32,
     },
+    /// A broker path's consumer side in process, without the engine or the
+    /// Wasm call: wharf's source (parse, ack) against the native consumer.
+    /// JetStream only.
+    SourceCost {
+        #[arg(long, value_enum, default_value = "jetstream")]
+        path: Path,
+        #[arg(long, value_enum, default_value = "wharf")]
+        consumer: Consumer,
+        #[arg(long, default_value_t = 100_000)]
+        messages: usize,
+        #[arg(long, default_value_t = 100)]
+        payload_bytes: usize,
+        #[arg(long, default_value_t = 100)]
+        concurrency: usize,
+    },
     /// Drain a preloaded backlog with one consumer.
     Drain(DrainArgs),
     /// End-to-end latency under an open-loop producer (Redis streams).
@@ -177,6 +195,20 @@ enum Command {
         /// Default 3; 1 with --smoke.
         #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
         rounds: Option<u16>,
+    },
+    /// (internal) Preload a backlog, as a child process of `source-cost`.
+    #[command(hide = true)]
+    Preload {
+        #[arg(long, value_enum)]
+        path: Path,
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        stream: String,
+        #[arg(long)]
+        messages: usize,
+        #[arg(long)]
+        payload_bytes: usize,
     },
     /// (internal) The native consumer, as a child process of `drain`.
     #[command(hide = true)]
@@ -339,6 +371,25 @@ async fn main() -> Result<()> {
         } => engine::engine_cost(&component?, messages, payload_bytes, concurrency, reuse)
             .await
             .map(drop),
+        Command::SourceCost {
+            path,
+            consumer,
+            messages,
+            payload_bytes,
+            concurrency,
+        } => source::source_cost(path, consumer, messages, payload_bytes, concurrency)
+            .await
+            .map(drop),
+        Command::Preload {
+            path,
+            subject,
+            stream,
+            messages,
+            payload_bytes,
+        } => {
+            let t = Target { path, subject, stream };
+            paths::preload(&t, &Urls::from_env(), messages, &paths::payload(payload_bytes)).await
+        }
         Command::Drain(args) => {
             let sample = suite::drain(&component?, &args).await?;
             println!(

@@ -432,7 +432,7 @@ impl Progress {
 }
 
 /// What a handler does with a message: parse the JSON.
-fn parse(body: &[u8]) -> Result<()> {
+pub(crate) fn parse(body: &[u8]) -> Result<()> {
     let _: serde_json::Value = serde_json::from_slice(body)?;
     Ok(())
 }

@@ -18,7 +18,7 @@ pub const REUSE: u32 = 1000;
 pub const SHARDS: u32 = 2;
 
 /// A name no other run uses.
-fn run_id() -> String {
+pub(crate) fn run_id() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
