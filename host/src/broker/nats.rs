@@ -317,21 +317,28 @@ fn header_map(headers: &[(String, String)]) -> HeaderMap {
     map
 }
 
-fn header_list(map: Option<&HeaderMap>) -> Vec<(String, String)> {
-    let mut out = Vec::new();
+/// A message's headers as a sorted list, and its `Nats-Msg-Id` (the first,
+/// as `HeaderMap::get` would give it), in one pass over the map: a received
+/// JetStream message needs both, and looking the id up again would hash its
+/// name once more.
+fn headers_and_id(map: Option<&HeaderMap>) -> (Vec<(String, String)>, Option<String>) {
+    let (mut out, mut id) = (Vec::new(), None);
     if let Some(map) = map {
+        out.reserve(map.iter().len());
         for (name, values) in map.iter() {
-            for v in values {
-                out.push((name.to_string(), v.to_string()));
+            let name: &str = name.as_ref();
+            if name == MSG_ID {
+                id = values.first().map(|v| v.as_str().to_owned());
             }
+            out.extend(values.iter().map(|v| (name.to_owned(), v.as_str().to_owned())));
         }
         out.sort();
     }
-    out
+    (out, id)
 }
 
-fn message_id(map: Option<&HeaderMap>) -> Option<String> {
-    map.and_then(|m| m.get(MSG_ID)).map(|v| v.to_string())
+fn header_list(map: Option<&HeaderMap>) -> Vec<(String, String)> {
+    headers_and_id(map).0
 }
 
 // ---------------------------------------------------------------- core
@@ -384,12 +391,13 @@ impl Source for CoreSource {
         Ok(items
             .into_iter()
             .map(|(m, attempt)| {
-                let id = message_id(m.headers.as_ref()).unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+                let (headers, id) = headers_and_id(m.headers.as_ref());
+                let id = id.unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
                 Delivery {
                     id,
-                    subject: m.subject.to_string(),
+                    subject: m.subject.as_str().to_owned(),
                     payload: m.payload.clone(),
-                    headers: header_list(m.headers.as_ref()),
+                    headers,
                     content_type: None,
                     reply_to: m.reply.as_ref().map(|r| r.to_string()),
                     attempt,
@@ -529,11 +537,13 @@ impl Prefetched {
     }
 }
 
-/// The held messages of a source, by a number of their own.
+/// The held messages of a source, by a number of their own. Each message is
+/// entered and removed once, so the map is hashed by foldhash rather than
+/// SipHash: the numbers are the source's own, not anyone's input.
 #[derive(Default)]
 struct Held {
     next: u64,
-    ackers: HashMap<u64, Weak<jetstream::message::Acker>>,
+    ackers: HashMap<u64, Weak<jetstream::message::Acker>, foldhash::fast::RandomState>,
 }
 
 fn held_lock(held: &std::sync::Mutex<Held>) -> std::sync::MutexGuard<'_, Held> {
@@ -793,11 +803,10 @@ impl JetStreamSource {
             let message = next.map_err(|e| anyhow!("fetching from {}: {e}", self.consumer_name))?;
             let info = message.info().map_err(|e| anyhow!("bad JetStream ack metadata: {e}"))?;
             let attempt = u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX);
-            let sequence = info.stream_sequence;
             let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as u64;
-            let stream_name = info.stream.to_string();
+            let (headers, id) = headers_and_id(message.headers.as_ref());
+            let id = id.unwrap_or_else(|| format!("{}:{}", info.stream, info.stream_sequence));
             let (m, acker) = message.split();
-            let id = message_id(m.headers.as_ref()).unwrap_or_else(|| format!("{stream_name}:{sequence}"));
             let acker = Arc::new(acker);
             let held_id = {
                 let mut held = held_lock(&self.held);
@@ -808,9 +817,9 @@ impl JetStreamSource {
             };
             out.push(Delivery {
                 id,
-                subject: m.subject.to_string(),
+                subject: m.subject.as_str().to_owned(),
                 payload: m.payload.clone(),
-                headers: header_list(m.headers.as_ref()),
+                headers,
                 content_type: None,
                 reply_to: None,
                 attempt,
@@ -820,6 +829,7 @@ impl JetStreamSource {
                     broker: self.broker.clone(),
                     acker,
                     held: (self.held.clone(), held_id),
+                    holding: AtomicBool::new(true),
                     acks: acks.clone(),
                     message: m,
                     double_ack: self.double_ack,
@@ -884,6 +894,8 @@ struct JetStreamAcker {
     acker: Arc<jetstream::message::Acker>,
     /// Its entry in the source's held messages.
     held: (Arc<std::sync::Mutex<Held>>, u64),
+    /// The entry is still there: neither settled nor dropped yet.
+    holding: AtomicBool,
     acks: mpsc::UnboundedSender<AckOp>,
     message: async_nats::Message,
     double_ack: bool,
@@ -897,8 +909,11 @@ impl Drop for JetStreamAcker {
 
 impl JetStreamAcker {
     /// No more progress for this message: it is being settled (or dropped).
+    /// Once: settling unholds, and so does the drop that follows it.
     fn unhold(&self) {
-        held_lock(&self.held.0).ackers.remove(&self.held.1);
+        if self.holding.swap(false, Ordering::AcqRel) {
+            held_lock(&self.held.0).ackers.remove(&self.held.1);
+        }
     }
 
     async fn send(&self, kind: AckKind) -> Result<()> {
@@ -937,8 +952,8 @@ impl Acker for JetStreamAcker {
     }
 
     async fn dead_letter(&self, queue: &str, headers: Vec<(String, String)>) -> Result<()> {
-        let mut all = header_list(self.message.headers.as_ref());
-        let id = message_id(self.message.headers.as_ref()).unwrap_or_default();
+        let (mut all, id) = headers_and_id(self.message.headers.as_ref());
+        let id = id.unwrap_or_default();
         all.retain(|(k, _)| k != MSG_ID);
         all.push((MSG_ID.to_string(), format!("{id}:dead")));
         all.extend(headers);
@@ -1009,4 +1024,34 @@ pub fn check_source_subject(subject: &str) -> Result<()> {
         bail!("NATS subject {subject:?} must be non-empty with no whitespace");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_come_sorted_with_the_first_message_id() {
+        let mut map = HeaderMap::new();
+        map.append("Zed", "1");
+        map.append(MSG_ID, "order-7");
+        map.append(MSG_ID, "order-7b");
+        map.append("Alpha", "2");
+        let (headers, id) = headers_and_id(Some(&map));
+        assert_eq!(id.as_deref(), Some("order-7"), "the id is what HeaderMap::get gives");
+        let expected = [("Alpha", "2"), (MSG_ID, "order-7"), (MSG_ID, "order-7b"), ("Zed", "1")];
+        let expected: Vec<_> = expected.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        assert_eq!(headers, expected);
+        assert_eq!(id, map.get(MSG_ID).map(|v| v.to_string()));
+    }
+
+    #[test]
+    fn a_message_without_an_id_header_has_none() {
+        let mut map = HeaderMap::new();
+        map.append("nats-msg-id", "not the id: header names are case-sensitive");
+        let (headers, id) = headers_and_id(Some(&map));
+        assert_eq!(id, None);
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers_and_id(None), (Vec::new(), None));
+    }
 }
