@@ -136,12 +136,9 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         reuse: u32,
     },
-    /// A broker path's consumer side in process, without the engine or the
+    /// JetStream's consumer side in process, without the engine or the
     /// Wasm call: wharf's source (parse, ack) against the native consumer.
-    /// JetStream only.
     SourceCost {
-        #[arg(long, value_enum, default_value = "jetstream")]
-        path: Path,
         #[arg(long, value_enum, default_value = "wharf")]
         consumer: Consumer,
         #[arg(long, default_value_t = 100_000)]
@@ -199,12 +196,8 @@ enum Command {
     /// (internal) Preload a backlog, as a child process of `source-cost`.
     #[command(hide = true)]
     Preload {
-        #[arg(long, value_enum)]
-        path: Path,
-        #[arg(long)]
-        subject: String,
-        #[arg(long)]
-        stream: String,
+        #[command(flatten)]
+        target: Target,
         #[arg(long)]
         messages: usize,
         #[arg(long)]
@@ -213,12 +206,8 @@ enum Command {
     /// (internal) The native consumer, as a child process of `drain`.
     #[command(hide = true)]
     Native {
-        #[arg(long, value_enum)]
-        path: Path,
-        #[arg(long)]
-        subject: String,
-        #[arg(long)]
-        stream: String,
+        #[command(flatten)]
+        target: Target,
         #[arg(long)]
         messages: usize,
         #[arg(long)]
@@ -372,24 +361,18 @@ async fn main() -> Result<()> {
             .await
             .map(drop),
         Command::SourceCost {
-            path,
             consumer,
             messages,
             payload_bytes,
             concurrency,
-        } => source::source_cost(path, consumer, messages, payload_bytes, concurrency)
+        } => source::source_cost(consumer, messages, payload_bytes, concurrency)
             .await
             .map(drop),
         Command::Preload {
-            path,
-            subject,
-            stream,
+            target,
             messages,
             payload_bytes,
-        } => {
-            let t = Target { path, subject, stream };
-            paths::preload(&t, &Urls::from_env(), messages, &paths::payload(payload_bytes)).await
-        }
+        } => paths::preload(&target, &Urls::from_env(), messages, &paths::payload(payload_bytes)).await,
         Command::Drain(args) => {
             let sample = suite::drain(&component?, &args).await?;
             println!(
@@ -462,18 +445,13 @@ async fn main() -> Result<()> {
             suite::run(&component?, smoke, messages, rounds).await
         }
         Command::Native {
-            path,
-            subject,
-            stream,
+            target: t,
             messages,
             batch,
             forward_to,
-        } => {
-            let t = Target { path, subject, stream };
-            match forward_to {
-                Some(out) => latency::native_forwarder(&t, &Urls::from_env(), &out, batch).await,
-                None => paths::native(&t, &Urls::from_env(), messages, batch).await,
-            }
-        }
+        } => match forward_to {
+            Some(out) => latency::native_forwarder(&t, &Urls::from_env(), &out, batch).await,
+            None => paths::native(&t, &Urls::from_env(), messages, batch).await,
+        },
     }
 }

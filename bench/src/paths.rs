@@ -86,12 +86,17 @@ impl Path {
 }
 
 /// The names one run uses, unique so runs never see each other's leftovers.
-#[derive(Debug, Clone)]
+/// Also the arguments by which `drain` and `source-cost` tell their child
+/// processes (the native consumer, the preload) where to work.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Target {
+    #[arg(long, value_enum)]
     pub path: Path,
     /// Queue, stream key, list key or subject.
+    #[arg(long)]
     pub subject: String,
     /// JetStream stream name.
+    #[arg(long)]
     pub stream: String,
 }
 
