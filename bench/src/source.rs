@@ -15,12 +15,14 @@
 //! some are free, each message parsed and acked on its own. The native
 //! consumer is `drain`'s: fetch a batch, parse and ack each, fetch again.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use wharf::broker::Delivery;
+use wharf::broker::nats::NatsBroker;
+use wharf::broker::{Delivery, Source};
 
 use crate::paths::{self, Path, Target, Urls};
 use crate::{Consumer, cpu_seconds};
@@ -83,21 +85,38 @@ async fn consume(
     concurrency: usize,
 ) -> Result<(f64, f64)> {
     let (cpu, started) = (cpu_seconds(), Instant::now());
-    match consumer {
-        Consumer::Wharf => wharf_source(t, urls, messages, concurrency).await?,
-        Consumer::Native => paths::native(t, urls, messages, concurrency).await?,
+    let wharf = match consumer {
+        Consumer::Wharf => Some(wharf_source(t, urls, messages, concurrency).await?),
+        Consumer::Native => {
+            paths::native(t, urls, messages, concurrency).await?;
+            None
+        }
         Consumer::Peer => {
             bail!("source-cost compares wharf's source with the native consumer; the peers have no part to split off")
         }
-    }
+    };
     let (wall, cpu) = (started.elapsed().as_secs_f64(), cpu_seconds() - cpu);
+    if let Some((broker, source)) = wharf {
+        // Outside the window, as the native consumer has nothing to stop:
+        // every message is settled, so the stop gives nothing back, but it
+        // waits for the last pull ahead, which the server holds until it
+        // expires (a second) when the stream has run dry.
+        source.stop().await;
+        broker.flush().await;
+    }
     Ok((messages as f64 / wall, cpu * 1e6 / messages as f64))
 }
 
 /// wharf's JetStream source, driven as the engine drives it, with the
-/// benchmark handler's work (a JSON parse) done in process.
-async fn wharf_source(t: &Target, urls: &Urls, messages: usize, concurrency: usize) -> Result<()> {
-    let broker = std::sync::Arc::new(wharf::broker::nats::NatsBroker::connect(&urls.nats, Vec::new()).await?);
+/// benchmark handler's work (a JSON parse) done in process, until every
+/// message is settled; the broker and the source, still to be stopped.
+async fn wharf_source(
+    t: &Target,
+    urls: &Urls,
+    messages: usize,
+    concurrency: usize,
+) -> Result<(Arc<NatsBroker>, Arc<dyn Source>)> {
+    let broker = Arc::new(NatsBroker::connect(&urls.nats, Vec::new()).await?);
     let source = broker.jetstream_source(&t.stream, "wharf", &t.subject, LEASE, false, concurrency);
     let settle = |d: Delivery| async move {
         paths::parse(&d.payload).with_context(|| format!("message {}", d.id))?;
@@ -125,7 +144,5 @@ async fn wharf_source(t: &Target, urls: &Urls, messages: usize, concurrency: usi
             settled += 1;
         }
     }
-    source.stop().await;
-    broker.flush().await;
-    Ok(())
+    Ok((broker, source))
 }
