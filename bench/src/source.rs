@@ -1,5 +1,5 @@
-//! `source-cost`: a broker path's consumer side in process, without the
-//! engine or the Wasm call, so that what wharf's source spends per message
+//! `source-cost`: JetStream's consumer side in process, without the engine
+//! or the Wasm call, so that what wharf's source spends per message
 //! (turning pulled messages into deliveries, holding them, the acks' trip
 //! to the client) can be set against the native consumer's whole cost, and
 //! counted under callgrind (`scripts/bench-instructions`).

@@ -537,9 +537,9 @@ impl Prefetched {
     }
 }
 
-/// The held messages of a source, by a number of their own. Each message is
-/// entered and removed once, so the map is hashed by foldhash rather than
-/// SipHash: the numbers are the source's own, not anyone's input.
+/// The held messages of a source, by a number of their own. Hashed twice per
+/// message (entered, removed), by foldhash rather than SipHash: the keys are
+/// the source's own sequential numbers, not anyone's input.
 #[derive(Default)]
 struct Held {
     next: u64,
