@@ -373,7 +373,10 @@ async fn nats_jetstream_success_retry_dead_letter_dedup() -> Result {
     publish(format!("{p}.js.a"), "a1", "{}").await?;
     publish(format!("{p}.js.a"), "a2", "{}").await?;
     publish(format!("{p}.js.b"), "f1", "{}").await?;
-    publish(format!("{p}.js.c"), "bad", r#"{"valid": false}"#).await?;
+    let bad = js
+        .publish_with_headers(format!("{p}.js.c"), with_id("bad"), r#"{"valid": false}"#.into())
+        .await?
+        .await?;
     // The same id again once the stream's 1 s duplicate window has passed:
     // only wharf's dedup can catch it now.
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -400,6 +403,14 @@ async fn nats_jetstream_success_retry_dead_letter_dedup() -> Result {
         Some("bad:dead")
     );
     assert_eq!(&dead.payload[..], br#"{"valid": false}"#);
+    // First seen is when the server stored the message, read from its ack
+    // subject; the stream's own record of it says the same.
+    let stored = js.get_stream(&bad.stream).await?.get_raw_message(bad.sequence).await?;
+    let stored_ms = (stored.time.unix_timestamp_nanos() / 1_000_000).to_string();
+    assert_eq!(
+        headers.get("wharf-dead-letter-first-seen-ms").map(|v| v.to_string()),
+        Some(stored_ms)
+    );
     assert_eq!(host.terminate()?, 0);
     let db = setup.open()?;
     assert_eq!(db.counter("default", "runs:a1"), 1);
