@@ -276,9 +276,7 @@ pub async fn run_binding(binding: Arc<Binding>, lane: usize, runtime: Arc<Runtim
         // Unused slots (fewer deliveries than asked for) drop here.
         for (mut delivery, running) in deliveries.into_iter().zip(slots) {
             let (binding, runtime, abort) = (binding.clone(), runtime.clone(), shutdown.abort.clone());
-            // The payload goes to the attempt; no settling needs it (ackers
-            // keep what they need themselves).
-            let payload = std::mem::take(&mut delivery.payload);
+            let contents = Contents::take(&mut delivery);
             let mut slot = Slot {
                 running: Some(running),
                 settling: settling.clone(),
@@ -293,7 +291,7 @@ pub async fn run_binding(binding: Arc<Binding>, lane: usize, runtime: Arc<Runtim
                 // is being told to the broker, that verdict stands.
                 let lane = &binding.lanes[lane];
                 let verdict = tokio::select! {
-                    verdict = decide(&binding, lane, &runtime, &delivery, payload, &mut slot) => verdict,
+                    verdict = decide(&binding, lane, &runtime, &delivery, contents, &mut slot) => verdict,
                     _ = abort.cancelled() => return give_up(&binding, lane, &delivery, &slot).await,
                 };
                 tell(&binding, lane, &delivery, verdict, &slot, &abort).await
@@ -468,24 +466,46 @@ impl Verdict {
     }
 }
 
-/// Decide what happens to one delivery, whose payload has been taken out of
-/// it (so that the attempt gets it without a copy): everything up to
-/// telling the broker, which [`tell`] does.
+/// What an attempt takes out of its delivery instead of copying: the
+/// payload and what only the handler reads. No settling needs them (ackers
+/// keep what they need themselves); the delivery keeps its id, subject,
+/// attempt and first-seen time for the verdict, the logs and a dead letter.
+struct Contents {
+    payload: Bytes,
+    headers: Vec<(String, String)>,
+    content_type: Option<String>,
+    reply_to: Option<String>,
+}
+
+impl Contents {
+    fn take(d: &mut Delivery) -> Self {
+        Contents {
+            payload: std::mem::take(&mut d.payload),
+            headers: std::mem::take(&mut d.headers),
+            content_type: d.content_type.take(),
+            reply_to: d.reply_to.take(),
+        }
+    }
+}
+
+/// Decide what happens to one delivery, whose [`Contents`] have been taken
+/// out of it (so that the attempt gets them without a copy): everything up
+/// to telling the broker, which [`tell`] does.
 async fn decide(
     binding: &Binding,
     lane: &Lane,
     runtime: &Runtime,
     d: &Delivery,
-    payload: Bytes,
+    contents: Contents,
     slot: &mut Slot,
 ) -> Verdict {
     let limits = binding.context.limits;
-    if payload.len() > limits.max_payload_bytes {
+    if contents.payload.len() > limits.max_payload_bytes {
         let failure = Failure::new(
             FailureKind::PayloadTooLarge,
             format!(
                 "payload is {} bytes; max_payload_bytes is {}",
-                payload.len(),
+                contents.payload.len(),
                 limits.max_payload_bytes
             ),
         );
@@ -512,7 +532,7 @@ async fn decide(
             }
         }
     }
-    run_attempt(binding, lane, runtime, d, payload, slot).await
+    run_attempt(binding, lane, runtime, d, contents, slot).await
 }
 
 /// Run one attempt and decide by its outcome; a handled message also trades
@@ -522,7 +542,7 @@ async fn run_attempt(
     lane: &Lane,
     runtime: &Runtime,
     d: &Delivery,
-    payload: Bytes,
+    contents: Contents,
     slot: &mut Slot,
 ) -> Verdict {
     let limits = binding.context.limits;
@@ -531,14 +551,14 @@ async fn run_attempt(
         id: d.id.clone(),
         subject: d.subject.clone(),
         // No copy when the broker's buffer is this delivery's alone.
-        payload: Vec::from(payload),
-        headers: d.headers.clone(),
-        content_type: d.content_type.clone(),
+        payload: Vec::from(contents.payload),
+        headers: contents.headers,
+        content_type: contents.content_type,
         attempt: d.attempt,
         redelivered: d.redelivered,
         published_at_ms: d.first_seen_ms,
         deadline_ms: now_ms() + limits.timeout.as_millis() as u64,
-        reply_to: d.reply_to.clone(),
+        reply_to: contents.reply_to,
     };
     let attempt = runtime.invoke(&component, &binding.context, msg).await;
     binding.metrics().attempt_seconds.record(attempt.elapsed.as_secs_f64());
