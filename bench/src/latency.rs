@@ -137,18 +137,11 @@ async fn measure_run(
         }
         Consumer::Native => {
             let mut cmd = Command::new(std::env::current_exe()?);
-            cmd.args([
-                "native",
-                "--path",
-                "redis-stream",
-                "--subject",
-                &t.subject,
-                "--stream",
-                "-",
-            ])
-            .args(["--messages", "0", "--batch", "100", "--forward-to", out])
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true);
+            cmd.arg("native")
+                .args(t.args())
+                .args(["--messages", "0", "--batch", "100", "--forward-to", out])
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true);
             let mut c = cmd.spawn()?;
             let stdout = c.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
             let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));

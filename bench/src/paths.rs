@@ -107,6 +107,19 @@ impl Target {
         format!("{}-{i}", self.subject)
     }
 
+    /// The arguments a child process parses back into this target (the
+    /// flattened `Target` of `native` and `preload`).
+    pub fn args(&self) -> [&str; 6] {
+        [
+            "--path",
+            self.path.name(),
+            "--subject",
+            &self.subject,
+            "--stream",
+            &self.stream,
+        ]
+    }
+
     pub fn new(path: Path, run: &str) -> Self {
         Self {
             path,
@@ -592,5 +605,32 @@ pub async fn native(t: &Target, urls: &Urls, n: usize, batch: usize) -> Result<(
             bail!("subscription ended")
         }
         Path::Embedded => bail!("the embedded broker is wharf's own; it has no native consumer"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Child {
+        #[command(flatten)]
+        target: Target,
+    }
+
+    #[test]
+    fn a_targets_arguments_parse_back_into_it() {
+        for path in [Path::RedisStream, Path::AmqpQuorum, Path::Jetstream] {
+            let t = Target::new(path, "run-1.2");
+            let parsed = Child::try_parse_from(std::iter::once("child").chain(t.args()))
+                .unwrap()
+                .target;
+            assert_eq!(
+                (parsed.path, parsed.subject, parsed.stream),
+                (t.path, t.subject, t.stream)
+            );
+        }
     }
 }

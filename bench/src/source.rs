@@ -65,9 +65,9 @@ pub async fn source_cost(
 async fn preload(t: &Target, messages: usize, payload_bytes: usize) -> Result<()> {
     let (messages, payload_bytes) = (messages.to_string(), payload_bytes.to_string());
     let status = tokio::process::Command::new(std::env::current_exe()?)
-        .args(["preload", "--path", t.path.name(), "--subject", &t.subject])
-        .args(["--stream", &t.stream, "--messages", &messages])
-        .args(["--payload-bytes", &payload_bytes])
+        .arg("preload")
+        .args(t.args())
+        .args(["--messages", &messages, "--payload-bytes", &payload_bytes])
         .status()
         .await
         .context("starting the preload")?;

@@ -137,16 +137,12 @@ async fn drain_on(component: &FsPath, a: &DrainArgs, t: &Target, urls: &Urls) ->
                 paths::preload(t, urls, n, &body).await?;
             }
             let mut cmd = Command::new(std::env::current_exe()?);
-            cmd.args([
-                "native",
-                "--path",
-                t.path.name(),
-                "--subject",
-                &t.subject,
-                "--stream",
-                &t.stream,
-            ])
-            .args(["--messages", &n.to_string(), "--batch", &a.concurrency.to_string()]);
+            cmd.arg("native").args(t.args()).args([
+                "--messages",
+                &n.to_string(),
+                "--batch",
+                &a.concurrency.to_string(),
+            ]);
             measure::child_lines(cmd, n, || if lossy { producer(t, &body) } else { None }, lossy, broker).await
         }
         Consumer::Peer => {
