@@ -46,6 +46,7 @@ fn prefix() -> String {
 async fn publish(ch: &Channel, exchange: &str, key: &str, id: &str, body: &str) -> Result {
     let props = BasicProperties::default()
         .with_message_id(id.into())
+        .with_content_type("application/json".into())
         .with_delivery_mode(2);
     ch.basic_publish(
         exchange.into(),
@@ -154,7 +155,7 @@ async fn amqp_success_retry_dead_letter_dedup_and_topic_routing() -> Result {
             "count",
             "ok",
             &format!("{p}.a"),
-            "[handlers.count.dedup]\nttl_secs = 3600\n"
+            "config = { count_meta = \"1\" }\n[handlers.count.dedup]\nttl_secs = 3600\n"
         )),
         on_mq(handler(
             "flaky",
@@ -218,6 +219,8 @@ async fn amqp_success_retry_dead_letter_dedup_and_topic_routing() -> Result {
     assert_eq!(host.terminate()?, 0);
     let db = setup.open()?;
     assert_eq!(db.counter("default", "runs:a1"), 1);
+    // The handler is given the message's content type (a1 and a2 ran once each).
+    assert_eq!(db.counter("default", "content-type:application/json"), 2);
     assert_eq!(
         db.counter("default", "done:f1"),
         3,

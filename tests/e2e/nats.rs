@@ -344,8 +344,15 @@ async fn nats_jetstream_success_retry_dead_letter_dedup() -> Result {
         "{}{}{}{}",
         broker(&url, &streams(&p, &s, 1)),
         // Double acks on this one: the server confirms each ack.
-        jetstream_handler("count", "ok", &p, &s, "a", "[handlers.count.dedup]\nttl_secs = 3600\n")
-            .replace("kind = \"jetstream\",", "kind = \"jetstream\", double_ack = true,"),
+        jetstream_handler(
+            "count",
+            "ok",
+            &p,
+            &s,
+            "a",
+            "config = { count_meta = \"1\" }\n[handlers.count.dedup]\nttl_secs = 3600\n"
+        )
+        .replace("kind = \"jetstream\",", "kind = \"jetstream\", double_ack = true,"),
         jetstream_handler(
             "flaky",
             "flaky",
@@ -414,6 +421,9 @@ async fn nats_jetstream_success_retry_dead_letter_dedup() -> Result {
     assert_eq!(host.terminate()?, 0);
     let db = setup.open()?;
     assert_eq!(db.counter("default", "runs:a1"), 1);
+    // The handler is given the message's headers (the id) and no content type.
+    assert_eq!(db.counter("default", "header:Nats-Msg-Id=a2"), 1);
+    assert_eq!(db.counter("default", "content-type:none"), 2);
     assert_eq!(db.counter("default", "done:f1"), 3, "the delivery count is the attempt");
     Ok(())
 }
