@@ -48,8 +48,32 @@
 //! `cargo build --release --target wasm32-wasip2` then writes the component to
 //! `target/wasm32-wasip2/release/<name>.wasm`; point a handler's `component`
 //! at it in the manifest.
+//!
+//! # Lean handlers (`no_std`)
+//!
+//! With `default-features = false` this crate, and a handler that is itself
+//! `#![no_std]` (using `alloc`), build without Rust's standard library. The
+//! component then imports none of WASI, only the wharf functions it calls,
+//! and a fresh instance of it costs markedly less (`docs/BENCHMARKS.md`,
+//! *Lean handlers*): what counts when every message gets its own instance,
+//! as it does by default. This crate then supplies what std would have: the
+//! allocator, `cabi_realloc`, `memcmp` and a panic handler that sends the
+//! panic message to the host's log before trapping. Every dependency must
+//! then build without std too (`serde_json` with `default-features = false,
+//! features = ["alloc"]`, for example); one that needs std brings a second
+//! panic handler and fails the build with a duplicate `panic_impl`.
 
+#![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
+
+extern crate alloc;
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+#[cfg(all(not(feature = "std"), target_arch = "wasm32"))]
+mod lean;
 
 /// The generated bindings. Not part of the stable API: use the re-exports.
 #[doc(hidden)]
@@ -225,6 +249,8 @@ pub mod log {
 /// not rolled back when the attempt fails, so make them idempotent (key them
 /// on the message id) where that matters.
 pub mod kv {
+    use alloc::vec::Vec;
+
     use crate::KvError;
     use crate::wit::wharf::handler::kv as raw;
 
