@@ -50,6 +50,34 @@ pub fn guests() -> &'static Path {
     })
 }
 
+/// Build the lean (no_std) guests once per test process, apart from the
+/// others: in one cargo run with them, wharf-sdk's `std` feature would be
+/// unified into theirs. Returns the folder holding their components.
+pub fn lean_guests() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let target = workspace().join("target/guests-lean");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(workspace())
+            .args([
+                "build",
+                "--profile",
+                "guest",
+                "--target",
+                "wasm32-wasip2",
+                "--no-default-features",
+            ])
+            .args(["-p", "wharf-test-lean"])
+            .arg("--target-dir")
+            .arg(&target)
+            .status()
+            .expect("running cargo to build the lean test program");
+        assert!(status.success(), "building the lean guest component failed");
+        target.join("wasm32-wasip2/guest")
+    })
+}
+
 /// Path of test program `name` (a file in tests/programs/src/bin/).
 pub fn program(name: &str) -> PathBuf {
     let path = guests().join(format!("{name}.wasm"));

@@ -290,6 +290,60 @@ async fn trap_is_a_retried_failure_then_dead_letter() -> Result {
     Ok(())
 }
 
+/// A lean handler (no_std, tests/programs-lean) imports no WASI, yet does
+/// what a std one does: host calls, the outbox, a heap that grows past the
+/// initial memory, and a panic that traps with its message in the host log.
+#[tokio::test]
+async fn a_lean_handler_without_std_runs_publishes_grows_and_reports_its_panic() -> Result {
+    let lean = lean_guests().join("lean.wasm");
+    let setup = Setup::new(&format!(
+        "[handlers.lean]\ncomponent = {:?}\nsource = {{ subject = \"jobs\" }}\npublish = [\"out\"]\n\
+         config = {{ forward_to = \"out\" }}\n[handlers.lean.retry]\nmax_attempts = 1\n",
+        lean.display().to_string()
+    ))?;
+    let host = setup.start().await?;
+    for i in 0..5 {
+        host.publish("jobs", "{}", Some(&format!("l{i}"))).await?;
+    }
+    // 4 MiB: the heap grows past the initial memory (just over 1 MiB).
+    host.publish("jobs", r#"{"allocate_kib": 4096}"#, Some("big")).await?;
+    host.publish("jobs", r#"{"panic": true}"#, Some("boom")).await?;
+    host.publish("jobs", "not json", Some("bad")).await?;
+    host.wait_for("two dead letters", LONG, || async {
+        Ok(host.dead_letters("jobs").await?.len() == 2 && host.outcome_count("lean", "acked").await? == 6)
+    })
+    .await?;
+    let mut dead: Vec<(String, String)> = host
+        .dead_letters("jobs")
+        .await?
+        .iter()
+        .map(|d| (d.id.clone(), header(&d.headers, "wharf-dead-letter-reason").to_string()))
+        .collect();
+    dead.sort();
+    assert_eq!(
+        dead,
+        [
+            ("bad".to_string(), "rejected".to_string()),
+            ("boom".to_string(), "trap".to_string())
+        ]
+    );
+    // The panic message reached the host log through the SDK's panic handler.
+    assert!(
+        host.logs().contains("deliberate panic on message boom"),
+        "{}",
+        host.logs()
+    );
+    assert_eq!(host.terminate()?, 0);
+    let db = setup.open()?;
+    for i in 0..5 {
+        assert_eq!(db.counter("default", &format!("runs:l{i}")), 1);
+    }
+    assert_eq!(db.counter("default", "allocated:big"), 4096);
+    let out = db.broker.source("out").receive(20, Duration::from_secs(60)).await?;
+    assert_eq!(out.len(), 6, "every acked message forwarded once");
+    Ok(())
+}
+
 #[tokio::test]
 async fn repeated_id_is_deduplicated() -> Result {
     let setup = Setup::new(&handler(
