@@ -32,21 +32,19 @@ pub fn workspace() -> PathBuf {
 pub fn guests() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let target = workspace().join("target/guests");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(workspace())
-            .args(["build", "--profile", "guest", "--target", "wasm32-wasip2"])
-            .args(["-p", "wharf-test-programs", "-p", "order-validator", "-p", "order-fulfiller", "-p", "flaky-payment"])
-            .arg("--target-dir")
-            .arg(&target)
-            .status()
-            .expect("running cargo to build the test programs");
-        assert!(
-            status.success(),
-            "building the guest components failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`)"
-        );
-        target.join("wasm32-wasip2/guest")
+        build_guests(
+            "target/guests",
+            &[
+                "-p",
+                "wharf-test-programs",
+                "-p",
+                "order-validator",
+                "-p",
+                "order-fulfiller",
+                "-p",
+                "flaky-payment",
+            ],
+        )
     })
 }
 
@@ -56,26 +54,31 @@ pub fn guests() -> &'static Path {
 pub fn lean_guests() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let target = workspace().join("target/guests-lean");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .current_dir(workspace())
-            .args([
-                "build",
-                "--profile",
-                "guest",
-                "--target",
-                "wasm32-wasip2",
-                "--no-default-features",
-            ])
-            .args(["-p", "wharf-test-lean"])
-            .arg("--target-dir")
-            .arg(&target)
-            .status()
-            .expect("running cargo to build the lean test program");
-        assert!(status.success(), "building the lean guest component failed");
-        target.join("wasm32-wasip2/guest")
+        build_guests(
+            "target/guests-lean",
+            &["--no-default-features", "-p", "wharf-test-lean"],
+        )
     })
+}
+
+/// `cargo build` guests (`args`: packages and features) into `target_dir`
+/// (relative to the workspace); the folder holding their components.
+fn build_guests(target_dir: &str, args: &[&str]) -> PathBuf {
+    let target = workspace().join(target_dir);
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = Command::new(cargo)
+        .current_dir(workspace())
+        .args(["build", "--profile", "guest", "--target", "wasm32-wasip2"])
+        .args(args)
+        .arg("--target-dir")
+        .arg(&target)
+        .status()
+        .expect("running cargo to build the guest components");
+    assert!(
+        status.success(),
+        "building the guest components {args:?} failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`)"
+    );
+    target.join("wasm32-wasip2/guest")
 }
 
 /// Path of test program `name` (a file in tests/programs/src/bin/).
