@@ -8,9 +8,10 @@
 //! core instances (a shim and its fix-up). wharf instantiates a component
 //! per message by default, and building those imports and instances is a
 //! large part of that cost. Without std the component imports only the
-//! wharf functions it calls (`docs/BENCHMARKS.md`, *Lean handlers*).
+//! wharf functions it calls (`docs/BENCHMARKS.md`, *The thirty-first
+//! session*).
 //!
-//! The allocator is [talc], given the initial linear memory above the
+//! The allocator is talc, given the initial linear memory above the
 //! static data first (mapped and zeroed already), and only then more pages
 //! by `memory.grow`: growing memory costs a fresh instance more than the
 //! whole rest of a small handler's run.

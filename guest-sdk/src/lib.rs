@@ -54,9 +54,9 @@
 //! With `default-features = false` this crate, and a handler that is itself
 //! `#![no_std]` (using `alloc`), build without Rust's standard library. The
 //! component then imports none of WASI, only the wharf functions it calls,
-//! and a fresh instance of it costs markedly less (`docs/BENCHMARKS.md`,
-//! *Lean handlers*): what counts when every message gets its own instance,
-//! as it does by default. This crate then supplies what std would have: the
+//! and a fresh instance of it costs 17% fewer instructions
+//! (`docs/BENCHMARKS.md`, *The thirty-first session*): what counts when
+//! every message gets its own instance, as it does by default. This crate then supplies what std would have: the
 //! allocator, `cabi_realloc`, `memcmp` and a panic handler that sends the
 //! panic message to the host's log before trapping. Every dependency must
 //! then build without std too (`serde_json` with `default-features = false,
