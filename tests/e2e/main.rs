@@ -292,13 +292,14 @@ async fn trap_is_a_retried_failure_then_dead_letter() -> Result {
 
 /// A lean handler (no_std, tests/programs-lean) imports no WASI, yet does
 /// what a std one does: host calls, the outbox, a heap that grows past the
-/// initial memory, and a panic that traps with its message in the host log.
+/// initial memory, a panic that traps with its message in the host log, and
+/// an allocation past its memory cap reported as `memory`.
 #[tokio::test]
-async fn a_lean_handler_without_std_runs_publishes_grows_and_reports_its_panic() -> Result {
+async fn a_lean_handler_without_std_does_what_a_std_one_does() -> Result {
     let lean = lean_guests().join("lean.wasm");
     let setup = Setup::new(&format!(
         "[handlers.lean]\ncomponent = {:?}\nsource = {{ subject = \"jobs\" }}\npublish = [\"out\"]\n\
-         config = {{ forward_to = \"out\" }}\n[handlers.lean.retry]\nmax_attempts = 1\n",
+         config = {{ forward_to = \"out\" }}\nmemory_mb = 16\n[handlers.lean.retry]\nmax_attempts = 1\n",
         lean.display().to_string()
     ))?;
     let host = setup.start().await?;
@@ -309,8 +310,11 @@ async fn a_lean_handler_without_std_runs_publishes_grows_and_reports_its_panic()
     host.publish("jobs", r#"{"allocate_kib": 4096}"#, Some("big")).await?;
     host.publish("jobs", r#"{"panic": true}"#, Some("boom")).await?;
     host.publish("jobs", "not json", Some("bad")).await?;
-    host.wait_for("two dead letters", LONG, || async {
-        Ok(host.dead_letters("jobs").await?.len() == 2 && host.outcome_count("lean", "acked").await? == 6)
+    // 32 MiB, past the 16 MiB cap: the allocation fails, the SDK's panic
+    // handler logs it and traps, and the host reports the cap.
+    host.publish("jobs", r#"{"allocate_kib": 32768}"#, Some("huge")).await?;
+    host.wait_for("three dead letters", LONG, || async {
+        Ok(host.dead_letters("jobs").await?.len() == 3 && host.outcome_count("lean", "acked").await? == 6)
     })
     .await?;
     let mut dead: Vec<(String, String)> = host
@@ -324,15 +328,14 @@ async fn a_lean_handler_without_std_runs_publishes_grows_and_reports_its_panic()
         dead,
         [
             ("bad".to_string(), "rejected".to_string()),
-            ("boom".to_string(), "trap".to_string())
+            ("boom".to_string(), "trap".to_string()),
+            ("huge".to_string(), "memory".to_string())
         ]
     );
     // The panic message reached the host log through the SDK's panic handler.
-    assert!(
-        host.logs().contains("deliberate panic on message boom"),
-        "{}",
-        host.logs()
-    );
+    let logs = host.logs();
+    assert!(logs.contains("deliberate panic on message boom"), "{logs}");
+    assert!(logs.contains("memory allocation of 33554432 bytes failed"), "{logs}");
     assert_eq!(host.terminate()?, 0);
     let db = setup.open()?;
     for i in 0..5 {
