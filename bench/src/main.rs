@@ -51,6 +51,10 @@ struct Cli {
     /// The benchmark handler component.
     #[arg(long, default_value = "target/guests/wasm32-wasip2/guest/bench_handler.wasm")]
     component: PathBuf,
+    /// The same handler built without std (a lean handler): the suite's
+    /// Wasm-cost table measures it too.
+    #[arg(long, default_value = "target/guests-lean/wasm32-wasip2/guest/bench_handler.wasm")]
+    lean_component: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -442,7 +446,9 @@ async fn main() -> Result<()> {
             rounds,
         } => {
             let rounds = rounds.map_or(if smoke { 1 } else { 3 }, usize::from);
-            suite::run(&component?, smoke, messages, rounds).await
+            let lean = std::fs::canonicalize(&cli.lean_component)
+                .with_context(|| format!("{} (build it with scripts/bench)", cli.lean_component.display()))?;
+            suite::run(&component?, &lean, smoke, messages, rounds).await
         }
         Command::Native {
             target: t,

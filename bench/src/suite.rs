@@ -427,15 +427,21 @@ fn consumer_cells(path: Path, payload: usize, r: &Row, figure: fn(&Cell) -> Stri
 }
 
 /// Everything in docs/BENCHMARKS.md, printed as markdown.
-pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, rounds: usize) -> Result<()> {
+pub async fn run(component: &FsPath, lean: &FsPath, smoke: bool, messages: Option<usize>, rounds: usize) -> Result<()> {
     let n = messages.unwrap_or(if smoke { 300 } else { 100_000 });
     let mut out = String::new();
     let mut log = RunLog::default();
 
     let iterations = if smoke { 200 } else { 20_000 };
-    let [on, off, reused] = best_of_three(
-        [(true, 1), (false, 1), (true, REUSE)],
-        async |(epoch, reuse)| crate::wasm_cost(component, iterations, 1024, epoch, reuse).await,
+    let [on, off, reused, lean_fresh, lean_reused] = best_of_three(
+        [
+            (component, true, 1),
+            (component, false, 1),
+            (component, true, REUSE),
+            (lean, true, 1),
+            (lean, true, REUSE),
+        ],
+        async |(handler, epoch, reuse)| crate::wasm_cost(handler, iterations, 1024, epoch, reuse).await,
         |c| c.cpu_us,
     )
     .await?;
@@ -443,7 +449,8 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
         out,
         "\n| per-message Wasm cost, 1 KiB JSON, {iterations} iterations (best of 3 alternating rounds) | p50 µs | p99 µs | CPU µs/msg |\n|---|---|---|---|\n\
          | epoch interruption on (default) | {:.1} | {:.1} | {:.1} |\n| epoch interruption off | {:.1} | {:.1} | {:.1} |\n\
-         | epoch overhead (CPU) | | | {:+.1}% |\n| `instance_reuse = {REUSE}` (epoch on) | {:.1} | {:.1} | {:.1} |",
+         | epoch overhead (CPU) | | | {:+.1}% |\n| `instance_reuse = {REUSE}` (epoch on) | {:.1} | {:.1} | {:.1} |\n\
+         | the handler built without std (lean), fresh | {:.1} | {:.1} | {:.1} |\n| the lean handler, `instance_reuse = {REUSE}` | {:.1} | {:.1} | {:.1} |",
         on.p50_us,
         on.p99_us,
         on.cpu_us,
@@ -454,6 +461,12 @@ pub async fn run(component: &FsPath, smoke: bool, messages: Option<usize>, round
         reused.p50_us,
         reused.p99_us,
         reused.cpu_us,
+        lean_fresh.p50_us,
+        lean_fresh.p99_us,
+        lean_fresh.cpu_us,
+        lean_reused.p50_us,
+        lean_reused.p99_us,
+        lean_reused.cpu_us,
     )?;
 
     // The delivery engine in process on a backlog held in memory: what the
