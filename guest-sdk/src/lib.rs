@@ -56,12 +56,15 @@
 //! component then imports none of WASI, only the wharf functions it calls,
 //! and a fresh instance of it costs 17% fewer instructions
 //! (`docs/BENCHMARKS.md`, *The thirty-first session*): what counts when
-//! every message gets its own instance, as it does by default. This crate then supplies what std would have: the
-//! allocator, `cabi_realloc`, `memcmp` and a panic handler that sends the
-//! panic message to the host's log before trapping. Every dependency must
-//! then build without std too (`serde_json` with `default-features = false,
-//! features = ["alloc"]`, for example); one that needs std brings a second
-//! panic handler and fails the build with a duplicate `panic_impl`.
+//! every message gets its own instance, as it does by default. This crate
+//! then supplies what std would have: the allocator, `cabi_realloc`,
+//! `memcmp` and a panic handler that sends the panic message to the host's
+//! log before trapping. Every dependency must then build without std too
+//! (`serde_json` with `default-features = false, features = ["alloc"]`, for
+//! example); one that needs std brings a second panic handler and fails the
+//! build with a duplicate `panic_impl`. Build such a handler in a cargo run
+//! of its own: built together with std guests, it would get the SDK's std
+//! feature too (cargo unifies features).
 
 #![cfg_attr(not(feature = "std"), no_std)]
 #![deny(missing_docs)]
