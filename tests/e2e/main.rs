@@ -297,6 +297,19 @@ async fn trap_is_a_retried_failure_then_dead_letter() -> Result {
 #[tokio::test]
 async fn a_lean_handler_without_std_does_what_a_std_one_does() -> Result {
     let lean = lean_guests().join("lean.wasm");
+    // Built without std it imports nothing but wharf's own interfaces (a std
+    // build also imports wasi:io and wasi:cli, and would pass the rest).
+    let engine = wasmtime::Engine::default();
+    let component = wasmtime::component::Component::from_file(&engine, &lean).map_err(anyhow::Error::from)?;
+    let imports: Vec<String> = component
+        .component_type()
+        .imports(&engine)
+        .map(|(name, _)| name.to_string())
+        .collect();
+    assert!(
+        !imports.is_empty() && imports.iter().all(|name| name.starts_with("wharf:handler/")),
+        "{imports:?}"
+    );
     let setup = Setup::new(&format!(
         "[handlers.lean]\ncomponent = {:?}\nsource = {{ subject = \"jobs\" }}\npublish = [\"out\"]\n\
          config = {{ forward_to = \"out\" }}\nmemory_mb = 16\n[handlers.lean.retry]\nmax_attempts = 1\n",
